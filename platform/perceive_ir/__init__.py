@@ -1,0 +1,3 @@
+"""Perceive-IR training platform: the library every job, tool and test imports."""
+
+__version__ = "0.1.0"
