@@ -1,0 +1,66 @@
+"""L_cl: InfoNCE on CFE degradation codes.
+
+For anchor i (a crop of degraded image i) the positive is ``positive[i]`` (another crop of the
+same degraded image, for noise of the same noise realisation); the negatives are both codes of
+every sample in the global batch whose degradation type differs from sample i's:
+
+    L_i = -log( exp(a_i . p_i / t) / (exp(a_i . p_i / t) + sum_{j: type_j != type_i} sum_{v in {a_j, p_j}} exp(a_i . v / t)) )
+
+Codes are L2-normalised. Under torch.distributed the keys are gathered from every rank; the
+local slice keeps its gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ContrastConfig", "DegradationContrastLoss", "gather_with_grad"]
+
+
+@dataclasses.dataclass
+class ContrastConfig:
+    temperature: float = 0.1
+    gather: bool = True  # negatives from the global batch when torch.distributed is initialised
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError("temperature must be positive")
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks (equal shapes); gradient flows through the local part."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts, dim=0)
+
+
+class DegradationContrastLoss(nn.Module):
+    def __init__(self, cfg: ContrastConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg or ContrastConfig()
+
+    def forward(self, anchor: torch.Tensor, positive: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+        """``anchor``/``positive``: B x D codes; ``types``: B integer degradation labels."""
+        anchor, positive = F.normalize(anchor, dim=-1), F.normalize(positive, dim=-1)
+        if self.cfg.gather:
+            all_anchor, all_positive = gather_with_grad(anchor), gather_with_grad(positive)
+            all_types = gather_with_grad(types)
+        else:
+            all_anchor, all_positive, all_types = anchor, positive, types
+        t = self.cfg.temperature
+        pos_logit = (anchor * positive).sum(-1, keepdim=True) / t  # B x 1
+        keys = torch.cat([all_anchor, all_positive], dim=0)  # 2N x D
+        key_types = torch.cat([all_types, all_types], dim=0)
+        neg_logits = anchor @ keys.t() / t  # B x 2N
+        different = types[:, None] != key_types[None, :]
+        neg_logits = neg_logits.masked_fill(~different, float("-inf"))
+        logits = torch.cat([pos_logit, neg_logits], dim=1)
+        return -(pos_logit.squeeze(1) - torch.logsumexp(logits, dim=1)).mean()

@@ -1,0 +1,55 @@
+"""The medium quality tier from K hold-out restorers.
+
+Each sample belongs to fold ``sha256(key) mod K``. Restorer j was trained on every fold except j,
+so the medium-tier image of a sample in fold j is the output of restorer j: a restorer that never
+saw that image, whose output is therefore a realistic "partly restored" image rather than a
+near-copy of the ground truth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["fold_of", "MediumTierGenerator"]
+
+
+def fold_of(key: str, k: int) -> int:
+    """Stable fold of a sample key (the same on every machine and Python run)."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % k
+
+
+class MediumTierGenerator(nn.Module):
+    """``medium = gen(degraded, keys)``: restorer ``fold_of(key)`` runs on each sample, batched per fold."""
+
+    def __init__(self, restorers: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if len(restorers) < 2:
+            raise ValueError("hold-out needs at least 2 restorers (K >= 2)")
+        self.restorers = nn.ModuleList(restorers).requires_grad_(False).eval()
+
+    @property
+    def k(self) -> int:
+        return len(self.restorers)
+
+    def train(self, mode: bool = True) -> "MediumTierGenerator":
+        return super().train(False)  # frozen helpers: always in eval mode
+
+    def folds(self, keys: Sequence[str]) -> list[int]:
+        return [fold_of(key, self.k) for key in keys]
+
+    @torch.no_grad()
+    def forward(self, degraded: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
+        if len(keys) != degraded.shape[0]:
+            raise ValueError(f"{len(keys)} keys for a batch of {degraded.shape[0]}")
+        folds = torch.tensor(self.folds(keys), device=degraded.device)
+        medium = torch.empty_like(degraded)
+        for fold, restorer in enumerate(self.restorers):
+            index = (folds == fold).nonzero(as_tuple=True)[0]
+            if index.numel():
+                medium[index] = restorer(degraded[index]).clamp(0, 1).to(medium.dtype)
+        return medium

@@ -1,0 +1,84 @@
+"""SGM: semantic guidance from a frozen DINOv2 (timm): the CLS token of several layers."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from perceive_ir import weights
+from perceive_ir.models.layers import frozen
+
+__all__ = ["SemanticConfig", "SemanticGuidance", "create_timm_backbone"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass
+class SemanticConfig:
+    model: str = "vit_base_patch14_dinov2.lvd142m"
+    pretrained: bool = True  # False: random init (tests, parameter counts)
+    weights: str | None = None  # local timm-format file; takes precedence over the hub
+    layers: list[int] = dataclasses.field(default_factory=lambda: [2, 5, 8, 11])  # (verify)
+    image_size: int = 224
+    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. a tiny depth/width
+
+
+def create_timm_backbone(
+    name: str, pretrained: bool, weights_file: str | None, config_key: str, **kwargs: Any
+) -> nn.Module:
+    """A timm model with weights from ``weights_file`` (read without executing code) or the hub."""
+    import timm
+
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    hub_cfg = timm.models.get_pretrained_cfg(name)
+    source = weights.resolve(
+        what=f"timm model {name}",
+        config_key=config_key,
+        local_file=weights_file,
+        hub_name=name,
+        hub_repo=getattr(hub_cfg, "hf_hub_id", None),
+        hub_files=("model.safetensors", "pytorch_model.bin"),
+    )
+    if source.is_local:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        model.load_state_dict(weights.read_state_dict(source.path), strict=True)
+        return model
+    return timm.create_model(name, pretrained=True, **kwargs)
+
+
+class SemanticGuidance(nn.Module):
+    """Frozen DINOv2; ``forward(images in [0, 1])`` -> list of B x D CLS features, one per layer."""
+
+    def __init__(self, cfg: SemanticConfig, config_key: str = "conditioning.semantic.weights") -> None:
+        super().__init__()
+        self.cfg = cfg
+        kwargs = {"dynamic_img_size": True, **cfg.model_kwargs}
+        self.backbone = frozen(create_timm_backbone(cfg.model, cfg.pretrained, cfg.weights, config_key, **kwargs))
+        depth = len(self.backbone.blocks)
+        for layer in cfg.layers:
+            if not 0 <= layer < depth:
+                raise ValueError(f"semantic layer {layer} outside the {depth} blocks of {cfg.model}")
+        self.dim = self.backbone.embed_dim
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> "SemanticGuidance":
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        size = self.cfg.image_size
+        x = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = ((x - self.mean) / self.std).to(images.dtype)
+        outs = self.backbone.forward_intermediates(
+            x, indices=list(self.cfg.layers), return_prefix_tokens=True, intermediates_only=True
+        )
+        return [prefix[:, 0] for _, prefix in outs]

@@ -1,0 +1,160 @@
+"""Where pretrained weights come from: a local file always, a hub name when the network allows.
+
+Every pretrained network (CLIP for the perceiver, DINOv2 for semantic guidance, VGG-16 for
+the perceptual loss) is described by a hub name and an optional local file. Resolution:
+
+1. a local file set in the configuration is used as is (it must exist); its sha256 is its
+   identity;
+2. otherwise the hub name is used if the file is already in the Hugging Face cache or the hub
+   can be reached;
+3. otherwise (``HF_HUB_OFFLINE=1`` or no network) :class:`MissingWeightsError` is raised at once,
+   naming the file that is needed and the configuration key that points to it, instead of
+   letting the hub client retry for a minute.
+
+Local files are read without executing code: safetensors, or ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import os
+import socket
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+__all__ = [
+    "MissingWeightsError",
+    "WeightSource",
+    "hub_offline",
+    "resolve",
+    "sha256_file",
+    "read_state_dict",
+    "hf_cached_file",
+]
+
+_TRUE = {"1", "true", "yes", "on"}
+HUB_HOST = "huggingface.co"
+
+
+class MissingWeightsError(FileNotFoundError):
+    """Pretrained weights are needed but cannot be had (no local file, hub unreachable)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSource:
+    """A resolved weight location: exactly one of ``path`` (local file) or ``hub`` (hub name)."""
+
+    path: Path | None = None
+    hub: str | None = None
+    sha256: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.path is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_reachable(host: str, timeout_s: float) -> bool:
+    try:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def hub_offline(timeout_s: float = 2.0) -> bool:
+    """True when ``HF_HUB_OFFLINE`` is set or the hub does not answer within ``timeout_s``."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
+        return True
+    endpoint = os.environ.get("HF_ENDPOINT", "")
+    host = endpoint.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0] if endpoint else HUB_HOST
+    return not _hub_reachable(host, timeout_s)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hf_cached_file(repo_id: str, filenames: Iterable[str]) -> str | None:
+    """Path of the first of ``filenames`` of ``repo_id`` already in the local Hugging Face cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub ships with timm and open_clip
+        return None
+    for name in filenames:
+        found = try_to_load_from_cache(repo_id, name)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def resolve(
+    *,
+    what: str,
+    config_key: str,
+    local_file: str | Path | None,
+    hub_name: str | None,
+    hub_repo: str | None = None,
+    hub_files: Iterable[str] = (),
+) -> WeightSource:
+    """Decide where the weights of ``what`` come from; fail fast when they cannot be had.
+
+    ``hub_repo``/``hub_files`` name the files the hub name downloads, so that the error says which
+    file to fetch and an already cached copy counts as available offline.
+    """
+    if local_file:
+        path = Path(local_file).expanduser()
+        if not path.is_file():
+            raise MissingWeightsError(f"{what}: weight file '{path}' (from '{config_key}') does not exist")
+        return WeightSource(path=path, sha256=sha256_file(path))
+    if not hub_name:
+        raise MissingWeightsError(f"{what}: no weights configured; set '{config_key}' to a local file")
+    hub_files = list(hub_files)
+    if hub_repo and hf_cached_file(hub_repo, hub_files):
+        return WeightSource(hub=hub_name)
+    if hub_offline():
+        wanted = (
+            " or ".join(f"'{f}' from hf://{hub_repo}" for f in hub_files) if hub_repo and hub_files else f"'{hub_name}'"
+        )
+        raise MissingWeightsError(
+            f"{what}: pretrained weights '{hub_name}' are not available offline (HF_HUB_OFFLINE is set or "
+            f"the hub is unreachable). Download {wanted} on a machine with network access and set "
+            f"'{config_key}' to its local path."
+        )
+    return WeightSource(hub=hub_name)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a torch file, never executing code.
+
+    Unwraps ``{"state_dict": ...}``/``{"model": ...}`` containers and a DDP ``module.`` prefix.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # TorchScript archives and pickled objects are refused
+            raise ValueError(
+                f"'{path}' is not a plain state dict loadable with weights_only=True ({err}); "
+                "convert it to safetensors"
+            ) from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"'{path}' does not hold a state dict")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
