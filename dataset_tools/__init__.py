@@ -1,0 +1,1 @@
+"""Command-line tools that build, verify and inspect WebDataset shard sets."""

@@ -1,0 +1,108 @@
+"""``perceive-shards``: build, verify and inspect WebDataset shard sets.
+
+Examples:
+  perceive-shards build out/ --clean photos/ --dataset mine workers=2 tile_size=512
+  perceive-shards build s3://bucket/rain --clean norain/ --degraded rain/ --dataset rain100l \\
+      --degradation rain --match rain100
+  perceive-shards build --config configs/data/build_example.yaml workers=4
+  perceive-shards verify s3://bucket/rain
+  perceive-shards inspect out/
+Settings after the options are ``key=value`` overrides of the build configuration
+(see dataset_tools/build.py: BuildConfig).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from perceive_ir.config import ConfigError, load_config, parse_overrides
+from perceive_ir.data.storage import StorageError
+
+from .build import BuildConfig, build_shards
+from .inspect_shards import format_report, inspect
+from .verify import verify
+
+
+def _build_config(args: argparse.Namespace) -> BuildConfig:
+    overrides = [p for p in args.positional if "=" in p]
+    outputs = [p for p in args.positional if "=" not in p]
+    if len(outputs) > 1:
+        raise ConfigError(f"one output folder expected, got {outputs}")
+    if outputs:
+        overrides.append(f"output={outputs[0]}")
+    if args.clean:
+        source = {"dataset": args.dataset or "images", "split": args.split, "clean": args.clean}
+        if args.degraded:
+            source.update(degraded=args.degraded, degradation=args.degradation, match=args.match)
+        overrides.append("sources=" + json.dumps([source]))
+    elif args.config is None:
+        raise ConfigError("give --config FILE or --clean FOLDER (with --dataset NAME)")
+    if args.workers:
+        overrides.append(f"workers={args.workers}")
+    return load_config(BuildConfig, args.config, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="perceive-shards", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="build shards from image folders")
+    b.add_argument("positional", nargs="*", metavar="OUTPUT | key=value",
+                   help="output folder URL (local path, file://, s3://, gs://), then key=value settings")
+    b.add_argument("--config", help="YAML build configuration")
+    b.add_argument("--clean", help="folder URL of clean images")
+    b.add_argument("--degraded", help="folder URL of degraded images paired with --clean")
+    b.add_argument("--dataset", help="dataset name recorded in every sample")
+    b.add_argument("--split", default="train")
+    b.add_argument("--degradation", help="degradation type of a paired set (rain, haze, blur...)")
+    b.add_argument("--match", default="same_stem", help="pairing rule: same_path, same_stem, rain100, reside")
+    b.add_argument("--workers", type=int, help="parallel worker processes")
+
+    for name, helptext in (("verify", "check shards against the manifest"), ("inspect", "summarise a shard set")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("location", help="shard folder URL or its manifest.json")
+        p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="storage option, e.g. endpoint_url=http://127.0.0.1:9000")
+        if name == "verify":
+            p.add_argument("--no-decode", action="store_true", help="skip decoding every sample")
+        else:
+            p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    # Settings may come before or after the options: argparse reads positionals in one run.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-") or args.command != "build"]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "build":
+        args.positional += extra
+    try:
+        if args.command == "build":
+            manifest = build_shards(_build_config(args))
+            print(f"{manifest.total_samples} samples in {len(manifest.shards)} shards "
+                  f"({manifest.total_bytes:,} bytes); {len(manifest.skipped)} files skipped")
+            for entry in manifest.skipped[:20]:
+                print(f"  skipped {entry.source}: {entry.reason}")
+            if len(manifest.skipped) > 20:
+                print(f"  ... and {len(manifest.skipped) - 20} more (see manifest.json)")
+            return 0
+        options = parse_overrides(args.option)
+        if args.command == "verify":
+            report = verify(args.location, options, decode=not args.no_decode)
+            for problem in report.problems:
+                print(f"PROBLEM {problem}")
+            print(f"{'OK' if report.ok else 'FAILED'}: {report.shards} shards, {report.samples} samples, "
+                  f"{len(report.problems)} problems")
+            return 0 if report.ok else 1
+        summary = inspect(args.location, options)
+        print(json.dumps(summary, indent=1) if args.json else format_report(summary))
+        return 0
+    except (ConfigError, StorageError, RuntimeError, ValueError) as err:
+        print(f"perceive-shards {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

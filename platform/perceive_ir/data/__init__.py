@@ -1,0 +1,1 @@
+"""Data: storage through fsspec, shard manifests, image decoding and the training pipeline."""
