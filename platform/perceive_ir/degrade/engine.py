@@ -145,6 +145,12 @@ def _severity(spec: Spec, levels: Mapping[str, float], allow_none: bool = False)
 
 def _run(images: torch.Tensor, plans: list[_Plan]) -> torch.Tensor:
     """Apply step s of every plan, one batched call per type, for s = 0, 1, 2."""
+    # Half-precision batches are degraded in float32 and returned in their own dtype.
+    work = images.float() if images.dtype in (torch.float16, torch.bfloat16) else images
+    return _run_steps(work, plans).to(images.dtype)
+
+
+def _run_steps(images: torch.Tensor, plans: list[_Plan]) -> torch.Tensor:
     out = images
     depth = max(len(p.steps) for p in plans)
     for step in range(depth):
@@ -161,12 +167,12 @@ def _run(images: torch.Tensor, plans: list[_Plan]) -> torch.Tensor:
             }
             rng = SampleRNG([r[2] for r in rows], images.device)
             if len(members) == len(plans):
-                out = kind.apply(out, params, rng)
+                out = kind.apply(out, params, rng).to(images.dtype)
             else:
                 if out is images:
                     out = images.clone()
                 index = torch.tensor(members, dtype=torch.int64).to(images.device)
-                out.index_copy_(0, index, kind.apply(out.index_select(0, index), params, rng))
+                out.index_copy_(0, index, kind.apply(out.index_select(0, index), params, rng).to(images.dtype))
     return out if out is not images else images.clone()
 
 

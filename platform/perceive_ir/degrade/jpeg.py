@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Mapping
 
 import numpy as np
@@ -19,11 +20,14 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 def _codec(batch: torch.Tensor, quality: int) -> list[torch.Tensor]:
     """Encode and decode a uint8 (n, 3, H, W) batch at one quality, on its device."""
     images = list(batch.unbind(0))
-    encoded = encode_jpeg(images, quality=quality)
-    if batch.device.type == "cpu":
-        return decode_jpeg(encoded)
-    # nvJPEG decodes from host byte streams: only the small compressed files move.
-    return decode_jpeg([e.cpu() for e in encoded], device=batch.device)
+    with warnings.catch_warnings():
+        # torchvision 0.29 announces a future move of its codecs to TorchCodec.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        encoded = encode_jpeg(images, quality=quality)
+        if batch.device.type == "cpu":
+            return decode_jpeg(encoded)
+        # nvJPEG decodes from host byte streams: only the small compressed files move.
+        return decode_jpeg([e.cpu() for e in encoded], device=batch.device)
 
 
 @register("jpeg")
