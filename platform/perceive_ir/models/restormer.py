@@ -51,6 +51,12 @@ class RestormerConfig:
                 raise ValueError(f"level {level + 1}: width {width} is not divisible by {heads} heads")
         if len(self.prompt_dims) != 3 or len(self.prompt_sizes) != 3:
             raise ValueError("prompt_dims and prompt_sizes need 3 entries (levels 1-3)")
+        if self.prompts:
+            # prompt stage at level l mixes [feature of level l+1, prompt] with the heads of level l
+            for level in range(3):
+                width = self.dim * 2 ** (level + 1) + self.prompt_dims[level]
+                if width % self.heads[level]:
+                    raise ValueError(f"prompt stage {level + 1}: width {width} not divisible by {self.heads[level]} heads")
 
     def build(self) -> "Restormer":
         return Restormer(self)
