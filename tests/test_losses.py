@@ -22,9 +22,8 @@ from perceive_ir.models.degradation_encoder import CompactDegradationEncoder
 
 def test_infonce_known_value():
     theta = 0.5
-    anchor = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
-    positive = torch.tensor([[math.cos(theta), math.sin(theta)], [0.0, 1.0], [1.0, 0.0]])
-    anchor, positive = anchor.double(), positive.double()
+    anchor = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    positive = torch.tensor([[math.cos(theta), math.sin(theta)], [0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
     types = torch.tensor([0, 1, 0])  # sample 2 shares sample 0's type: never its negative
     loss = DegradationContrastLoss(ContrastConfig(temperature=0.1))(anchor, positive, types)
     t = 0.1
