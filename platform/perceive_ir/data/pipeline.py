@@ -1,0 +1,295 @@
+"""The training data path: WebDataset shards over fsspec -> aligned random crops -> batches.
+
+Guarantees the training loop relies on:
+- every rank gets exactly ``batches_per_rank`` batches per epoch, whatever the shard sizes
+  (each loader worker draws from an endless shard stream and stops at its fixed share), so
+  uneven shards never leave one rank waiting in a collective;
+- the stream is a function of (seed, epoch, rank, worker): reproducible;
+- a corrupt shard or sample is skipped, never fatal; each batch carries ``skipped``, the
+  number of samples its worker dropped since its previous batch, for the loop to log.
+
+Shard order: with ``resample: true`` (training) every (rank, worker) draws shards at random,
+weighted by their sample counts, so small shards are not over-sampled; with
+``resample: false`` shards are partitioned across ranks, then workers, and visited in a
+seeded order, cycling when a partition runs out before its share of batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import braceexpand
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from .manifest import read_manifest, shard_urls
+from .storage import StorageError, open_url
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "webp")
+
+
+@dataclass
+class ShardSourceConfig:
+    location: str  # a shard folder or its manifest.json, or a brace pattern of .tar URLs
+    weight: float = 1.0  # relative sampling rate of this source in the mixture
+    name: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.weight <= 0:
+            raise ValueError(f"source '{self.location}': weight must be positive")
+
+
+@dataclass
+class LoaderConfig:
+    sources: list[ShardSourceConfig]
+    patch_size: int = 256
+    batch_size: int = 8  # per rank
+    samples_per_epoch: int = 1024  # over all ranks
+    num_workers: int = 2
+    shuffle_buffer: int = 128
+    flips: bool = True
+    resample: bool = True
+    seed: int = 0
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ValueError("the loader needs at least one source")
+        for name in ("patch_size", "batch_size", "samples_per_epoch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        if self.num_workers < 0 or self.shuffle_buffer < 1:
+            raise ValueError("num_workers must be >= 0 and shuffle_buffer >= 1")
+
+
+@dataclass
+class _ResolvedSource:
+    name: str
+    urls: list[str]
+    counts: list[int]  # samples per shard (1 each when unknown)
+    weight: float
+
+
+def resolve_source(src: ShardSourceConfig, storage_options: dict) -> _ResolvedSource:
+    """Turn a manifest or a brace pattern into shard URLs with their sample counts."""
+    if src.location.endswith(".tar") or "{" in src.location:
+        urls = list(braceexpand.braceexpand(src.location))
+        counts = [1] * len(urls)
+    else:
+        manifest = read_manifest(src.location, storage_options)
+        urls = shard_urls(src.location, manifest)
+        counts = [s.samples for s in manifest.shards]
+    if not urls or sum(counts) == 0:
+        raise ValueError(f"source '{src.location}' has no samples")
+    return _ResolvedSource(src.name or src.location, urls, counts, src.weight)
+
+
+class _SkipCounter:
+    """A webdataset error handler that counts and continues (one per loader worker)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._logged = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.count += 1
+        if self._logged < 5:  # say what is wrong without flooding the log
+            log.warning("skipping bad shard data: %s", exn)
+            self._logged += 1
+        return True
+
+
+def _decode(data: bytes) -> torch.Tensor:
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def _image_fields(sample: dict) -> tuple[Optional[bytes], Optional[bytes]]:
+    gt = lq = None
+    for suffix, value in sample.items():
+        role, _, ext = suffix.partition(".")
+        if ext in IMAGE_SUFFIXES:
+            if role == "gt":
+                gt = value
+            elif role == "lq":
+                lq = value
+    return gt, lq
+
+
+class ShardStream(IterableDataset):
+    """Batches of aligned random crops from a weighted mixture of shard sets."""
+
+    def __init__(self, cfg: LoaderConfig, rank: Optional[int] = None, world_size: Optional[int] = None):
+        super().__init__()
+        if rank is None or world_size is None:
+            rank, world_size = _dist_rank_world()
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.sources = [resolve_source(s, cfg.storage_options) for s in cfg.sources]
+        total = sum(s.weight for s in self.sources)
+        self.probs = np.array([s.weight / total for s in self.sources])
+        self.batches_per_rank = cfg.samples_per_epoch // (world_size * cfg.batch_size)
+        if self.batches_per_rank == 0:
+            raise ValueError(
+                f"samples_per_epoch {cfg.samples_per_epoch} is less than one batch of {cfg.batch_size} "
+                f"on each of {world_size} ranks"
+            )
+        if not cfg.resample:
+            parts = world_size * max(1, cfg.num_workers)
+            for s in self.sources:
+                if len(s.urls) < parts:
+                    raise ValueError(
+                        f"source '{s.name}' has {len(s.urls)} shards, too few to partition over "
+                        f"{world_size} ranks x {max(1, cfg.num_workers)} workers; set resample: true"
+                    )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches_per_rank
+
+    def _worker_share(self) -> tuple[int, int, int]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        share = self.batches_per_rank // workers + (1 if worker < self.batches_per_rank % workers else 0)
+        return worker, workers, share
+
+    def _shard_sequence(self, src: _ResolvedSource, rng: np.random.Generator, worker: int, workers: int) -> Iterator[str]:
+        if self.cfg.resample:
+            p = np.asarray(src.counts, dtype=np.float64)
+            p /= p.sum()
+            while True:
+                yield src.urls[rng.choice(len(src.urls), p=p)]
+        mine = src.urls[self.rank :: self.world_size][worker::workers]
+        while True:
+            for i in rng.permutation(len(mine)):
+                yield mine[i]
+
+    def _samples(self, src: _ResolvedSource, rng: np.random.Generator, worker: int, workers: int,
+                 skips: _SkipCounter) -> Iterator[dict]:
+        """Endless crops from one source; fails clearly if the source has nothing usable."""
+        barren = 0
+        for url in self._shard_sequence(src, rng, worker, workers):
+            produced = 0
+            try:
+                stream = open_url(url, "rb", self.cfg.storage_options)
+            except StorageError as err:
+                skips(err)
+                stream = None
+            if stream is not None:
+                with stream:
+                    files = tar_file_expander([{"url": url, "stream": stream}], handler=skips)
+                    for sample in group_by_keys(files, handler=skips):
+                        crop = self._crop(sample, rng, skips)
+                        if crop is not None:
+                            produced += 1
+                            yield crop
+            barren = 0 if produced else barren + 1
+            if barren > 2 * len(src.urls) + 8:
+                raise RuntimeError(
+                    f"source '{src.name}': {barren} shards in a row gave no usable sample "
+                    f"(last: {url}); are the shards empty, corrupt or smaller than the patch size?"
+                )
+
+    def _crop(self, sample: dict, rng: np.random.Generator, skips: _SkipCounter) -> Optional[dict]:
+        key = sample.get("__key__", "?")
+        gt_bytes, lq_bytes = _image_fields(sample)
+        if gt_bytes is None:
+            skips(ValueError(f"{sample.get('__url__')}: sample '{key}' has no gt image"))
+            return None
+        try:
+            gt = _decode(gt_bytes)
+            lq = _decode(lq_bytes) if lq_bytes is not None else None
+        except RuntimeError as err:
+            skips(ValueError(f"{sample.get('__url__')}: sample '{key}' does not decode: {err}"))
+            return None
+        p = self.cfg.patch_size
+        _, h, w = gt.shape
+        if h < p or w < p or (lq is not None and lq.shape != gt.shape):
+            skips(ValueError(f"{sample.get('__url__')}: sample '{key}' is {h}x{w}, smaller than "
+                             f"the patch {p} or unlike its pair"))
+            return None
+        y, x = int(rng.integers(0, h - p + 1)), int(rng.integers(0, w - p + 1))
+        hflip, vflip = (rng.random(2) < 0.5) if self.cfg.flips else (False, False)
+        out = {}
+        for role, img in (("gt", gt), ("lq", lq)):
+            if img is None:
+                continue
+            # numpy views and one copy: tiny per-sample torch ops pay for thread hand-offs.
+            view = img.numpy()[:, y : y + p, x : x + p]
+            if hflip:
+                view = view[:, :, ::-1]
+            if vflip:
+                view = view[:, ::-1, :]
+            out[role] = np.ascontiguousarray(view)
+        meta = sample.get("json")
+        out["meta"] = meta
+        out["key"] = key
+        return out
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers, share = self._worker_share()
+        if get_worker_info() is not None:
+            torch.set_num_threads(1)  # loader workers share the host's cores with the trainer
+        rng = np.random.default_rng([self.cfg.seed, self.epoch, self.rank, worker])
+        skips = _SkipCounter()
+        streams = [self._samples(s, rng, worker, workers, skips) for s in self.sources]
+        buffer: list[dict] = []
+        reported = 0
+        for _ in range(share):
+            batch = []
+            while len(batch) < self.cfg.batch_size:
+                while len(buffer) < self.cfg.shuffle_buffer:
+                    buffer.append(next(streams[rng.choice(len(streams), p=self.probs)]))
+                i = int(rng.integers(len(buffer)))
+                buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                batch.append(buffer.pop())
+            yield _collate(batch, skips.count - reported)
+            reported = skips.count
+
+
+def _collate(samples: list[dict], skipped: int) -> dict:
+    gt = torch.from_numpy(np.stack([s["gt"] for s in samples])).float().div_(255.0)
+    paired = torch.tensor([s.get("lq") is not None for s in samples])
+    lq_list = [s["lq"] if s.get("lq") is not None else s["gt"] for s in samples]
+    lq = torch.from_numpy(np.stack(lq_list)).float().div_(255.0)
+    metas = [json.loads(s["meta"]) if s.get("meta") else {} for s in samples]
+    return {
+        "gt": gt,
+        "lq": lq,  # equals gt where paired is False: degradations are synthesised in the step
+        "paired": paired,
+        "type": [m.get("type", "clean") for m in metas],
+        "dataset": [m.get("dataset", "") for m in metas],
+        "key": [s["key"] for s in samples],
+        "skipped": skipped,
+    }
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def build_loader(cfg: LoaderConfig, rank: Optional[int] = None, world_size: Optional[int] = None,
+                 epoch: int = 0) -> DataLoader:
+    """A DataLoader that yields ready batches (``batch_size=None``: workers batch themselves)."""
+    stream = ShardStream(cfg, rank, world_size)
+    stream.set_epoch(epoch)
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=cfg.num_workers,
+        prefetch_factor=4 if cfg.num_workers else None,
+        persistent_workers=False,
+    )
+
