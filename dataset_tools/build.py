@@ -185,7 +185,8 @@ def process_item(item: Item, cfg: dict) -> ItemResult:
         crops = {r: (a if single else a[y : y + tile, x : x + tile]) for r, a in resized.items()}
         modified = not single or resized["gt"].shape != decoded["gt"][0].shape
         key = item.key if single else f"{item.key}_y{y}_x{x}"
-        files: dict[str, bytes] = {}
+        # Metadata first: a reader of a truncated shard still knows what a cut-off sample was.
+        files: dict[str, bytes] = {"json": b""}
         for role, arr in crops.items():
             _, fmt, original = decoded[role]
             ext, payload = _encode(arr, original, fmt, modified, cfg)

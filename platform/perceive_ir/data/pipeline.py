@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -105,6 +106,10 @@ class _SkipCounter:
             log.warning("skipping bad shard data: %s", exn)
             self._logged += 1
         return True
+
+
+# torchvision 0.29 announces a move of its codecs to torchcodec; they remain the fastest here.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
 
 def _decode(data: bytes) -> torch.Tensor:
@@ -206,6 +211,10 @@ class ShardStream(IterableDataset):
         if gt_bytes is None:
             skips(ValueError(f"{sample.get('__url__')}: sample '{key}' has no gt image"))
             return None
+        meta = json.loads(sample["json"]) if sample.get("json") else {}
+        if lq_bytes is None and meta.get("type", "clean") != "clean":
+            skips(ValueError(f"{sample.get('__url__')}: paired sample '{key}' lost its lq image"))
+            return None
         try:
             gt = _decode(gt_bytes)
             lq = _decode(lq_bytes) if lq_bytes is not None else None
@@ -231,7 +240,6 @@ class ShardStream(IterableDataset):
             if vflip:
                 view = view[:, ::-1, :]
             out[role] = np.ascontiguousarray(view)
-        meta = sample.get("json")
         out["meta"] = meta
         out["key"] = key
         return out
@@ -262,7 +270,7 @@ def _collate(samples: list[dict], skipped: int) -> dict:
     paired = torch.tensor([s.get("lq") is not None for s in samples])
     lq_list = [s["lq"] if s.get("lq") is not None else s["gt"] for s in samples]
     lq = torch.from_numpy(np.stack(lq_list)).float().div_(255.0)
-    metas = [json.loads(s["meta"]) if s.get("meta") else {} for s in samples]
+    metas = [s["meta"] for s in samples]
     return {
         "gt": gt,
         "lq": lq,  # equals gt where paired is False: degradations are synthesised in the step
