@@ -70,6 +70,15 @@ def test_stream_is_reproducible_from_the_seed(paired_shards):
     assert keys(3) != keys(4)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resuming_mid_epoch_continues_the_same_stream(paired_shards, workers):
+    cfg = loader_config(paired_shards, num_workers=workers, samples_per_epoch=40)
+    full = [b["key"] for b in build_loader(cfg, epoch=1)]
+    rest = [b["key"] for b in build_loader(cfg, epoch=1, start_batch=3)]
+    assert len(full) == 10 and rest == full[3:]
+    assert [b["key"] for b in build_loader(cfg, epoch=2)] != full
+
+
 def test_clean_only_samples_are_flagged_for_synthesis(package_photos, tmp_path):
     build_shards(BuildConfig(output=str(tmp_path / "s"), sources=[SourceSpec("pkg", str(package_photos))],
                              max_side=128, progress=False))

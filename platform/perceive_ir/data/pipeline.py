@@ -138,6 +138,7 @@ class ShardStream(IterableDataset):
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self.start_batch = 0
         self.sources = [resolve_source(s, cfg.storage_options) for s in cfg.sources]
         total = sum(s.weight for s in self.sources)
         self.probs = np.array([s.weight / total for s in self.sources])
@@ -156,17 +157,29 @@ class ShardStream(IterableDataset):
                         f"{world_size} ranks x {max(1, cfg.num_workers)} workers; set resample: true"
                     )
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch, and where in it to start (to resume mid-epoch exactly)."""
+        if not 0 <= start_batch <= self.batches_per_rank:
+            raise ValueError(f"start_batch {start_batch} outside the epoch's {self.batches_per_rank} batches")
         self.epoch = epoch
+        self.start_batch = start_batch
 
     def __len__(self) -> int:
-        return self.batches_per_rank
+        return self.batches_per_rank - self.start_batch
 
-    def _worker_share(self) -> tuple[int, int, int]:
+    def _worker_share(self) -> tuple[int, int, int, int]:
+        """(worker, workers, batches it makes, leading batches it discards to resume).
+
+        The DataLoader takes batches from its workers in turn, starting with worker 0, so
+        batch i of the epoch comes from worker i % workers and a resume point must be a
+        multiple of the worker count (``build_loader`` drops the remainder itself)."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        share = self.batches_per_rank // workers + (1 if worker < self.batches_per_rank % workers else 0)
-        return worker, workers, share
+
+        def count(n: int) -> int:
+            return n // workers + (1 if worker < n % workers else 0)
+
+        return worker, workers, count(self.batches_per_rank), count(self.start_batch)
 
     def _shard_sequence(self, src: _ResolvedSource, rng: np.random.Generator, worker: int, workers: int) -> Iterator[str]:
         if self.cfg.resample:
@@ -245,7 +258,7 @@ class ShardStream(IterableDataset):
         return out
 
     def __iter__(self) -> Iterator[dict]:
-        worker, workers, share = self._worker_share()
+        worker, workers, share, discard = self._worker_share()
         if get_worker_info() is not None:
             torch.set_num_threads(1)  # loader workers share the host's cores with the trainer
         rng = np.random.default_rng([self.cfg.seed, self.epoch, self.rank, worker])
@@ -253,7 +266,7 @@ class ShardStream(IterableDataset):
         streams = [self._samples(s, rng, worker, workers, skips) for s in self.sources]
         buffer: list[dict] = []
         reported = 0
-        for _ in range(share):
+        for n in range(share):
             batch = []
             while len(batch) < self.cfg.batch_size:
                 while len(buffer) < self.cfg.shuffle_buffer:
@@ -261,6 +274,8 @@ class ShardStream(IterableDataset):
                 i = int(rng.integers(len(buffer)))
                 buffer[i], buffer[-1] = buffer[-1], buffer[i]
                 batch.append(buffer.pop())
+            if n < discard:
+                continue  # replayed only to restore the stream's state; already trained on
             yield _collate(batch, skips.count - reported)
             reported = skips.count
 
@@ -288,16 +303,38 @@ def _dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+class EpochLoader:
+    """One epoch of ready batches from a :class:`ShardStream`, optionally resumed mid-epoch."""
+
+    def __init__(self, stream: ShardStream, num_workers: int, start_batch: int) -> None:
+        workers = max(1, num_workers)
+        self.drop = start_batch % workers  # batches between the aligned resume point and start_batch
+        stream.set_epoch(stream.epoch, start_batch - self.drop)
+        self.stream = stream
+        self.loader = DataLoader(
+            stream,
+            batch_size=None,  # workers batch themselves
+            num_workers=num_workers,
+            prefetch_factor=4 if num_workers else None,
+            persistent_workers=False,
+        )
+
+    def __len__(self) -> int:
+        return len(self.stream) - self.drop
+
+    def __iter__(self) -> Iterator[dict]:
+        for i, batch in enumerate(self.loader):
+            if i >= self.drop:
+                yield batch
+
+
 def build_loader(cfg: LoaderConfig, rank: Optional[int] = None, world_size: Optional[int] = None,
-                 epoch: int = 0) -> DataLoader:
-    """A DataLoader that yields ready batches (``batch_size=None``: workers batch themselves)."""
+                 epoch: int = 0, start_batch: int = 0) -> EpochLoader:
+    """The batches of one epoch for this rank.
+
+    ``start_batch`` resumes inside an epoch: the batches before it are regenerated and
+    dropped, so the rest of the epoch is exactly what an uninterrupted run would see."""
     stream = ShardStream(cfg, rank, world_size)
     stream.set_epoch(epoch)
-    return DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=cfg.num_workers,
-        prefetch_factor=4 if cfg.num_workers else None,
-        persistent_workers=False,
-    )
+    return EpochLoader(stream, cfg.num_workers, start_batch)
 
