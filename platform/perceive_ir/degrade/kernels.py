@@ -1,8 +1,8 @@
 """Per-sample blur kernels and their batched application by FFT.
 
-Kernels are evaluated directly on the wrapped coordinate grid of the FFT canvas, so
-every sample gets its own kernel (any size, angle or shape) and one batched FFT
-filters the whole batch. The cost does not grow with the kernel size, which matters
+Kernels are evaluated on a small offset grid per sample and embedded (wrapped) in the
+FFT canvas, so every sample gets its own kernel (any size, angle or shape) and one
+batched FFT filters the whole batch. The cost does not grow with the kernel size, which matters
 for 21 px blur kernels and 55 px rain streaks; all kernels here are point-symmetric,
 so convolution and correlation agree.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fast_len", "wrapped_grid", "gaussian_kernel", "line_kernel", "fft_filter", "circular_filter"]
+__all__ = ["fast_len", "wrapped_grid", "centred_grid", "embed_kernels", "gaussian_kernel", "line_kernel", "fft_filter", "circular_filter"]
 
 
 def fast_len(n: int) -> int:
@@ -67,6 +67,20 @@ def line_kernel(length, angle, width, dy, dx) -> torch.Tensor:
     return along_w * across_w
 
 
+def embed_kernels(small: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, 1, 2r+1, 2r+1) kernels centred on their middle -> (B, 1, height, width) canvas
+    kernels centred on the origin (wrapped), ready for ``circular_filter``."""
+    radius = small.shape[-1] // 2
+    canvas = F.pad(small, (0, width - small.shape[-1], 0, height - small.shape[-2]))
+    return torch.roll(canvas, shifts=(-radius, -radius), dims=(-2, -1))
+
+
+def centred_grid(radius: int, device: torch.device, dtype=torch.float32):
+    """Offsets (dy, dx) of a (2r+1) x (2r+1) kernel grid from its centre."""
+    r = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
+    return r.view(1, 1, -1, 1), r.view(1, 1, 1, -1)
+
+
 def circular_filter(canvas: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     """Circular convolution of (B, C, h, w) with per-sample (B, 1, h, w) kernels."""
     h, w = canvas.shape[-2:]
@@ -77,14 +91,14 @@ def circular_filter(canvas: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor
 def fft_filter(images: torch.Tensor, make_kernels, radius: int) -> torch.Tensor:
     """Filter (B, C, H, W) with per-sample kernels of support ``radius``, mirror borders.
 
-    ``make_kernels(dy, dx)`` returns (B, 1, h, w) kernels on the padded canvas grid.
+    ``make_kernels(dy, dx)`` returns (B, 1, 2r+1, 2r+1) kernels on the offset grid.
     """
     _, _, height, width = images.shape
     canvas_h, canvas_w = fast_len(height + 2 * radius), fast_len(width + 2 * radius)
     pad = (radius, canvas_w - width - radius, radius, canvas_h - height - radius)
     mode = "reflect" if max(pad) < min(height, width) else "replicate"
     padded = F.pad(images, pad, mode=mode)
-    dy, dx = wrapped_grid(canvas_h, canvas_w, images.device)
-    filtered = circular_filter(padded, make_kernels(dy, dx))
+    kernels = embed_kernels(make_kernels(*centred_grid(radius, images.device)), canvas_h, canvas_w)
+    filtered = circular_filter(padded, kernels)
     return filtered[..., radius : radius + height, radius : radius + width].to(images.dtype)
 
