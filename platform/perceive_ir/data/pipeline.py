@@ -281,10 +281,11 @@ class ShardStream(IterableDataset):
 
 
 def _collate(samples: list[dict], skipped: int) -> dict:
-    gt = torch.from_numpy(np.stack([s["gt"] for s in samples])).float().div_(255.0)
+    # True division of uint8 by a float makes the float32 batch in one pass.
+    gt = torch.from_numpy(np.stack([s["gt"] for s in samples])) / 255.0
     paired = torch.tensor([s.get("lq") is not None for s in samples])
     lq_list = [s["lq"] if s.get("lq") is not None else s["gt"] for s in samples]
-    lq = torch.from_numpy(np.stack(lq_list)).float().div_(255.0)
+    lq = torch.from_numpy(np.stack(lq_list)) / 255.0
     metas = [s["meta"] for s in samples]
     return {
         "gt": gt,
