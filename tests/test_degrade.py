@@ -56,22 +56,28 @@ def keys_for(n: int, prefix: str = "img") -> list[str]:
 # --- Gaussian noise hits sigma -------------------------------------------------------------
 
 
-def clipped_noise_power(clean: torch.Tensor, sigma: float) -> torch.Tensor:
-    """E[(clip(c + n, 0, 1) - c)^2] for n ~ N(0, sigma^2): a censored normal per pixel."""
-    c = clean.double()
+def clipped_noise_power(levels: torch.Tensor, counts: torch.Tensor, sigma: float) -> float:
+    """Mean of E[(clip(c + n, 0, 1) - c)^2], n ~ N(0, sigma^2), over pixels whose clean
+    values c take ``levels`` with ``counts``: a censored normal per pixel."""
+    c = levels
     a, b = -c / sigma, (1 - c) / sigma  # standardised clipping points
     cdf, pdf = torch.special.ndtr, lambda x: torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
     inside = (cdf(b) - cdf(a)) - (b * pdf(b) - a * pdf(a))
-    return (sigma**2 * inside + c**2 * cdf(a) + (1 - c) ** 2 * (1 - cdf(b))).mean()
+    power = sigma**2 * inside + c**2 * cdf(a) + (1 - c) ** 2 * (1 - cdf(b))
+    return float((power * counts).sum() / counts.sum())
 
 
 def estimate_sigma(clean: torch.Tensor, noisy: torch.Tensor) -> float:
-    """The sigma (0-255) whose clipped noise has the measured power (bisection)."""
-    measured = (noisy.double() - clean.double()).pow(2).mean()
+    """The sigma (0-255) whose clipped noise has the measured power (bisection). Clean
+    values are 8-bit levels, so the model is evaluated once per level."""
+    measured = float((noisy.double() - clean.double()).pow(2).mean())
+    codes = clean.mul(255).round().long().flatten()
+    counts = torch.bincount(codes, minlength=256).double()
+    levels = torch.arange(256, dtype=torch.float64) / 255
     low, high = 1e-4, 1.0
-    for _ in range(60):
+    for _ in range(50):
         mid = 0.5 * (low + high)
-        low, high = (mid, high) if clipped_noise_power(clean, mid) < measured else (low, mid)
+        low, high = (mid, high) if clipped_noise_power(levels, counts, mid) < measured else (low, mid)
     return 0.5 * (low + high) * 255.0
 
 

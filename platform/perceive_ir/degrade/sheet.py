@@ -36,6 +36,11 @@ def load_photo(name_or_path: str, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div(255.0).unsqueeze(0)
 
 
+def _short(name: str) -> str:
+    """A type name that fits three to a tile label (gaussian_noise -> noise)."""
+    return name.replace("gaussian_", "").replace("_noise", "").replace("_blur", " blur")
+
+
 def _tile(image: torch.Tensor, label: str) -> Image.Image:
     array = image.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
     tile = Image.new("RGB", (array.shape[1], array.shape[0] + LABEL_HEIGHT), "white")
@@ -62,7 +67,7 @@ def render(photo: str = "astronaut", tile: int = 160, seed: int = 0, device: str
         severity = float(labels.severity[i])
         label = f"{spec.type}\n{spec.level} (severity {severity:.2f})"
         if spec.type == "mixed":
-            chain = " > ".join(step["type"] for step in labels.params[i]["steps"])
+            chain = " > ".join(_short(step["type"]) for step in labels.params[i]["steps"])
             label = f"mixed {spec.level}\n{chain}"
         sheet.paste(_tile(degraded[i], label), (col * tile, (row + 1) * cell_h))
     return sheet
