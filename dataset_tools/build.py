@@ -304,8 +304,10 @@ def _results(items: list[Item], cfg: BuildConfig) -> Iterator[ItemResult]:
     if cfg.workers == 1 or len(items) < 2:
         yield from map(work, items)
         return
-    # spawn: forked children would inherit the parent's s3fs event loop and sockets.
-    with mp.get_context("spawn").Pool(cfg.workers) as pool:
+    # fork starts workers at once; fsspec resets its event loop and instance cache in a
+    # forked child, so s3fs/gcsfs are safe there. Elsewhere use the platform default.
+    method = "fork" if "fork" in mp.get_all_start_methods() else None
+    with mp.get_context(method).Pool(cfg.workers) as pool:
         yield from pool.imap(work, items, chunksize=1)
 
 
