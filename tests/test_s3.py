@@ -42,6 +42,33 @@ def test_build_verify_and_stream_through_s3(package_photos, s3_bucket):
     assert torch.cat([b["gt"] for b in batches]).std() > 0.05
 
 
+@pytest.mark.slow
+def test_plain_webdataset_reads_s3_through_the_registered_opener(package_photos, s3_bucket):
+    import webdataset as wds
+
+    from perceive_ir.data.storage import register_webdataset_opener
+
+    bucket, options = s3_bucket
+    fs, _ = filesystem(bucket, options)
+    for photo in sorted(package_photos.iterdir())[:3]:
+        fs.put_file(str(photo), f"{bucket}/photos/{photo.name}")
+    build_shards(BuildConfig(output=f"{bucket}/shards", sources=[SourceSpec("pkg", f"{bucket}/photos", storage_options=options)],
+                             max_samples_per_shard=2, progress=False, storage_options=options))
+    register_webdataset_opener(options)
+    dataset = wds.WebDataset(f"{bucket}/shards/shard-{{000000..000001}}.tar", shardshuffle=False)
+    keys = [sample["__key__"] for sample in dataset]
+    assert len(keys) == 3 and all(k.startswith("pkg/train/") for k in keys)
+
+
+def test_file_urls_work_like_local_paths(package_photos, tmp_path):
+    build_shards(BuildConfig(output=f"file://{tmp_path}/shards", sources=[SourceSpec("pkg", f"file://{package_photos}")],
+                             max_side=96, progress=False))
+    assert verify(f"file://{tmp_path}/shards", progress=False).ok
+    batch = next(iter(build_loader(LoaderConfig(sources=[ShardSourceConfig(f"file://{tmp_path}/shards")],
+                                                patch_size=48, batch_size=2, samples_per_epoch=2, num_workers=0))))
+    assert batch["gt"].shape == (2, 3, 48, 48)
+
+
 def test_an_unreachable_bucket_names_the_url(s3_endpoint):
     with pytest.raises(StorageError, match="s3://no-such-bucket/shards/manifest.json"):
         read_manifest("s3://no-such-bucket/shards", s3_endpoint)

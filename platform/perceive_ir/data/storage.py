@@ -124,3 +124,23 @@ def open_url(url: str, mode: str = "rb", storage_options: Mapping[str, Any] | No
         raise StorageError(f"'{url}' does not exist") from None
     except Exception as err:  # s3fs/gcsfs raise many kinds for an unreachable bucket
         raise StorageError(f"cannot open '{url}': {type(err).__name__}: {err}") from err
+
+
+def register_webdataset_opener(storage_options: Mapping[str, Any] | None = None,
+                               schemes: tuple[str, ...] = ("s3", "gs", "gcs", "memory")) -> None:
+    """Let plain WebDataset pipelines (``wds.WebDataset("s3://...")``) open these URL schemes
+    through fsspec, with the given (non-secret) storage options.
+
+    webdataset has no fsspec opener of its own. The registration is per process: DataLoader
+    workers started by fork inherit it; with spawn, call this again in ``worker_init_fn``.
+    """
+    import importlib
+
+    gopen = importlib.import_module("webdataset.gopen")  # the module; the package exports a function of that name
+    options = normalize_options(storage_options)
+
+    def open_with_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any):
+        return open_url(url, mode, options)
+
+    for scheme in schemes:
+        gopen.gopen_schemes[scheme] = open_with_fsspec
