@@ -20,18 +20,29 @@ FIELD_CELLS = 5  # control points per side of the random field
 GRADIENT_WEIGHT = 0.6
 
 
+def _bicubic_weights(size: int, device: torch.device) -> torch.Tensor:
+    """(size, FIELD_CELLS) weights of bicubic interpolation (corners aligned) in 1-D."""
+    eye = torch.eye(FIELD_CELLS, device=device).view(FIELD_CELLS, 1, FIELD_CELLS, 1)
+    columns = F.interpolate(eye, size=(size, 1), mode="bicubic", align_corners=True)
+    return columns.view(FIELD_CELLS, size).t()
+
+
 def depth_map(height: int, width: int, rng: SampleRNG, dtype=torch.float32) -> torch.Tensor:
     """(B, 1, H, W) depth, a function of the sample seed and the image size only."""
-    field = rng.uniform((1, FIELD_CELLS, FIELD_CELLS), "depth")
-    field = F.interpolate(field, size=(height, width), mode="bicubic", align_corners=True).clamp_(0.0, 1.0)
-    rows = torch.linspace(1.0, 0.0, height, device=field.device).view(1, 1, height, 1)
-    depth01 = GRADIENT_WEIGHT * rows + (1.0 - GRADIENT_WEIGHT) * field
-    return (DEPTH_NEAR + (DEPTH_FAR - DEPTH_NEAR) * depth01).to(dtype)
+    field = rng.uniform((FIELD_CELLS, FIELD_CELLS), "depth")
+    # Bicubic upsampling is separable: rows @ field @ columns^T, two small matmuls.
+    rows_w = _bicubic_weights(height, field.device)
+    cols_w = _bicubic_weights(width, field.device)
+    smooth = (rows_w @ field @ cols_w.t()).clamp_(0.0, 1.0).unsqueeze(1)
+    gradient = torch.linspace(1.0, 0.0, height, device=field.device).view(1, 1, height, 1)
+    span = DEPTH_FAR - DEPTH_NEAR
+    depth = smooth.mul_(span * (1.0 - GRADIENT_WEIGHT)).add_(gradient * (span * GRADIENT_WEIGHT) + DEPTH_NEAR)
+    return depth.to(dtype)
 
 
 def transmission(beta: torch.Tensor, height: int, width: int, rng: SampleRNG, dtype=torch.float32) -> torch.Tensor:
     """t = exp(-beta d) for (B,) beta; what ``Haze.apply`` uses for the same rng."""
-    return torch.exp(-per_sample(beta).to(dtype) * depth_map(height, width, rng, dtype))
+    return depth_map(height, width, rng, dtype).mul_(-per_sample(beta).to(dtype)).exp_()
 
 
 @register("haze")
@@ -47,4 +58,5 @@ class Haze(Degradation):
     def apply(self, images: torch.Tensor, params: Mapping[str, torch.Tensor], rng: SampleRNG) -> torch.Tensor:
         t = transmission(params["beta"], images.shape[-2], images.shape[-1], rng, images.dtype)
         airlight = per_sample(params["airlight"]).to(images.dtype)
-        return (images * t + airlight * (1.0 - t)).clamp_(0.0, 1.0)
+        # J t + A (1 - t), written as A + (J - A) t
+        return torch.addcmul(airlight, images - airlight, t).clamp_(0.0, 1.0)

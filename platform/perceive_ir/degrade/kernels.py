@@ -84,7 +84,7 @@ def centred_grid(radius: int, device: torch.device, dtype=torch.float32):
 def circular_filter(canvas: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     """Circular convolution of (B, C, h, w) with per-sample (B, 1, h, w) kernels."""
     h, w = canvas.shape[-2:]
-    spectrum = torch.fft.rfft2(canvas.float()) * torch.fft.rfft2(kernels.float())
+    spectrum = torch.fft.rfft2(canvas.float()).mul_(torch.fft.rfft2(kernels.float()))
     return torch.fft.irfft2(spectrum, s=(h, w))
 
 
