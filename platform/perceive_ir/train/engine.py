@@ -1,0 +1,111 @@
+"""The DeepSpeed engine of a worker: settings from a JSON file under configs/deepspeed/, filled in
+from the job (batch sizes, accumulation, clipping, precision), a torch AdamW optimiser (nothing
+to compile) and the warm-up + cosine schedule. Checkpoints are read back without executing code."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from perceive_ir.config import ConfigError
+from perceive_ir.train.config import EngineConfig, OptimizerConfig
+from perceive_ir.train.schedule import build_scheduler
+
+__all__ = ["resolve_precision", "deepspeed_settings", "build_engine", "init_distributed", "SafeCheckpointEngine"]
+
+
+def resolve_precision(cfg: EngineConfig, device: torch.device) -> str:
+    if cfg.precision != "auto":
+        return cfg.precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"  # DeepSpeed's CPU path has no fp16, and bf16 matmuls are slow on most CPUs
+
+
+def deepspeed_settings(cfg: EngineConfig, micro_batch: int, world_size: int, device: torch.device) -> dict[str, Any]:
+    path = Path(cfg.deepspeed_config)
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config file '{path}' (from 'engine.deepspeed_config', "
+                          f"relative to {os.getcwd()}) does not exist")
+    try:
+        settings = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"DeepSpeed config file '{path}' is not valid JSON: {err}") from None
+    accumulation = cfg.gradient_accumulation_steps
+    settings.update(
+        train_micro_batch_size_per_gpu=micro_batch,
+        gradient_accumulation_steps=accumulation,
+        train_batch_size=micro_batch * accumulation * world_size,
+        gradient_clipping=cfg.gradient_clipping,
+    )
+    settings.pop("fp16", None)
+    settings["bf16"] = {"enabled": resolve_precision(cfg, device) == "bf16"}
+    if cfg.zero_stage is not None:
+        settings.setdefault("zero_optimization", {})["stage"] = cfg.zero_stage
+    settings.setdefault("steps_per_print", 1 << 30)
+    settings.setdefault("wall_clock_breakdown", False)
+    return settings
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join (or, alone, create) the process group; DeepSpeed reuses an existing one."""
+    import deepspeed
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+    deepspeed.init_distributed(dist_backend=backend, dist_init_required=None)
+
+
+def _deepspeed_safe_globals() -> list:
+    """The plain-data classes DeepSpeed writes into its checkpoints (no code runs on load)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class SafeCheckpointEngine:
+    """DeepSpeed's torch checkpoint engine, but loading with ``weights_only=True``."""
+
+    @staticmethod
+    def wrap(engine) -> None:
+        inner = engine.checkpoint_engine
+        allowed = _deepspeed_safe_globals()
+
+        def load(path: str, map_location=None):
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as err:  # noqa: BLE001 - name the file in the error
+                raise ValueError(f"checkpoint file '{path}' is not loadable with weights_only=True: {err}") from None
+
+        inner.load = load
+
+
+def build_engine(
+    model: torch.nn.Module,
+    param_groups: list[dict],
+    factors: list[Callable[[int], float]],
+    optim: OptimizerConfig,
+    settings: dict[str, Any],
+):
+    """``(engine, scheduler)``: ``engine.step()`` also advances the schedule."""
+    import deepspeed
+
+    optimizer = torch.optim.AdamW(param_groups, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    scheduler = build_scheduler(optimizer, factors)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=settings, dist_init_required=False
+    )
+    SafeCheckpointEngine.wrap(engine)
+    return engine, scheduler

@@ -1,0 +1,220 @@
+"""The training loop every worker runs: resume, stream, degrade, step, log, validate, checkpoint.
+
+It knows nothing of Ray: checkpoints go through a :class:`Reporter` (Ray's ``train.report`` in
+the orchestration package, a local folder in tests) and metrics through a tracker (MLflow on
+rank 0, ``None`` elsewhere). Each rank calls the reporter at the same steps, as the collective
+checkpoint requires.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ContextManager, Optional, Protocol
+
+import numpy as np
+import torch
+
+from perceive_ir.data.pipeline import LoaderConfig, build_loader
+from perceive_ir.degrade import DegradationConfig, Degrader
+from perceive_ir.eval.grid import save_grid
+from perceive_ir.eval.validation import HeldOutSet, ValidationConfig
+from perceive_ir.train.config import EngineConfig, LoopConfig, OptimizerConfig
+from perceive_ir.train.engine import build_engine, deepspeed_settings, resolve_precision
+from perceive_ir.train.state import CHECKPOINT_TAG, TrainState, load_state, save_state
+from perceive_ir.train.steps import DegradedBatch, synthesize
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainingSettings", "Reporter", "Tracker", "LocalReporter", "run_training"]
+
+
+@dataclass
+class TrainingSettings:
+    loader: LoaderConfig
+    degradation: DegradationConfig
+    validation: ValidationConfig
+    loop: LoopConfig
+    optimizer: OptimizerConfig
+    engine: EngineConfig
+
+
+class Reporter(Protocol):
+    def latest(self) -> ContextManager[Optional[str]]: ...
+
+    def report(self, metrics: dict[str, Any], directory: str) -> None: ...
+
+
+class Tracker(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_file(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def log_folder(self, path: str | Path, artifact_path: str) -> None: ...
+
+
+class LocalReporter:
+    """Checkpoints in ``folder/step_{n:08d}``, the last ``keep`` kept (single process, tests)."""
+
+    def __init__(self, folder: str | Path, keep: int = 2) -> None:
+        self.folder, self.keep = Path(folder), keep
+
+    def _existing(self) -> list[Path]:
+        return sorted(self.folder.glob("step_*")) if self.folder.is_dir() else []
+
+    @contextlib.contextmanager
+    def latest(self):
+        found = self._existing()
+        yield str(found[-1]) if found else None
+
+    def report(self, metrics: dict[str, Any], directory: str) -> None:
+        target = self.folder / f"step_{int(metrics['step']):08d}"
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(directory, target)
+        for old in self._existing()[: -self.keep]:
+            shutil.rmtree(old)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _lr_metrics(scheduler, names: list[str]) -> dict[str, float]:
+    return {f"lr/{name}": lr for name, lr in zip(names, scheduler.get_last_lr())}
+
+
+def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: Tracker | None,
+                 rank: int, world_size: int, device: torch.device) -> TrainState:
+    """Train until ``loop.last_step``; returns the final state. ``task`` is a stage task
+    (``perceive_ir.train.tasks``)."""
+    cfg = settings.loop
+    ds_settings = deepspeed_settings(settings.engine, settings.loader.batch_size, world_size, device)
+    dtype = torch.bfloat16 if resolve_precision(settings.engine, device) == "bf16" else torch.float32
+    _seed_everything(cfg.seed * 1000 + rank)
+    engine, scheduler = build_engine(task.model.to(device), task.param_groups(), task.schedule_factors(),
+                                     settings.optimizer, ds_settings)
+    state = TrainState(world_size=world_size)
+    with reporter.latest() as checkpoint:
+        if checkpoint is not None:
+            path, _ = engine.load_checkpoint(checkpoint, tag=CHECKPOINT_TAG, load_module_strict=True)
+            if path is None:
+                raise FileNotFoundError(f"checkpoint '{checkpoint}' has no DeepSpeed state under '{CHECKPOINT_TAG}'")
+            state = load_state(checkpoint, rank, world_size)
+            log.info("rank %d resumed at step %d from %s", rank, state.step, checkpoint)
+    resumed_from = state.step
+    if tracker is not None and checkpoint is not None:
+        tracker.log_metrics({"resumed_from_step": float(resumed_from)}, step=state.step)
+
+    degrader = Degrader(settings.degradation)
+    held_out = None
+    if rank == 0:
+        held_out = HeldOutSet(settings.validation, settings.loader.sources[0].location,
+                              settings.loader.storage_options).to(device)
+    batches_per_epoch = len(build_loader(settings.loader, rank, world_size))
+    accumulation = settings.engine.gradient_accumulation_steps
+    samples_per_step = settings.loader.batch_size * accumulation * world_size
+    last = cfg.last_step
+    window: dict[str, Any] = {"terms": {}, "count": 0, "skipped": 0, "steps": 0, "start": time.perf_counter()}
+    saved_at = -1
+
+    def checkpoint_now(metrics: dict[str, Any]) -> None:
+        nonlocal saved_at
+        with tempfile.TemporaryDirectory(prefix="ckpt-") as directory:
+            engine.save_checkpoint(directory, tag=CHECKPOINT_TAG)
+            save_state(directory, state, rank)
+            reporter.report({"step": state.step, **metrics}, directory)
+        saved_at = state.step
+
+    def log_window() -> dict[str, float]:
+        skipped = torch.tensor([float(window["skipped"])])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(skipped)
+        elapsed = max(time.perf_counter() - window["start"], 1e-9)
+        metrics = {f"train/{k}": v / max(window["count"], 1) for k, v in window["terms"].items()}
+        metrics.update(_lr_metrics(scheduler, task.group_names))
+        metrics["samples_per_s"] = window["steps"] * samples_per_step / elapsed
+        metrics["skipped_samples"] = float(skipped.item())
+        metrics.update(task.live_metrics())
+        window.update(terms={}, count=0, skipped=0, steps=0, start=time.perf_counter())
+        return metrics
+
+    engine.train()
+    while state.step < last:
+        epoch, start = divmod(state.micro_batches, batches_per_epoch)
+        for batch in build_loader(settings.loader, rank, world_size, epoch, start):
+            window["skipped"] += int(batch["skipped"])
+            degraded: DegradedBatch = synthesize(degrader, batch, epoch, device, dtype)
+            terms = task.compute(engine, degraded, state.step)
+            engine.backward(terms["total"])
+            engine.step()
+            state.micro_batches += 1
+            for k, v in terms.items():
+                window["terms"][k] = window["terms"].get(k, 0.0) + float(v.detach().float())
+            window["count"] += 1
+            if state.micro_batches % accumulation:
+                continue
+            state.step += 1
+            state.samples += samples_per_step
+            window["steps"] += 1
+            _maybe_fail(cfg, state.step, rank)
+            metrics: dict[str, float] = {}
+            if state.step % cfg.log_every == 0 or state.step == last:
+                metrics = log_window()
+                if tracker is not None:
+                    tracker.log_metrics(metrics, step=state.step)
+            if state.step % cfg.val_every == 0 or state.step == cfg.max_steps:
+                state.validations += 1
+                if rank == 0:
+                    _validate(task, engine, held_out, tracker, state, cfg)
+            if state.step % cfg.checkpoint_every == 0 or state.step == last:
+                checkpoint_now({k: v for k, v in metrics.items() if k.startswith("train/")})
+            if state.step >= last:
+                break
+    if saved_at != state.step:  # relaunched at the end: nothing trained, report for symmetry
+        checkpoint_now({})
+    if state.step >= cfg.max_steps and rank == 0:
+        with tempfile.TemporaryDirectory(prefix="products-") as folder:
+            products = task.save_products(engine.module, Path(folder))
+            if tracker is not None:
+                for name, path in products.items():
+                    tracker.log_folder(path, name)
+    return state
+
+
+def _validate(task, engine, held_out: HeldOutSet, tracker: Tracker | None, state: TrainState, cfg: LoopConfig) -> None:
+    engine.eval()
+    try:
+        metrics, outputs = task.validate(engine.module, held_out)
+    finally:
+        engine.train()
+    if tracker is None:
+        return
+    tracker.log_metrics(metrics, step=state.step)
+    if state.validations % cfg.grid_every_validations == 0:
+        with tempfile.TemporaryDirectory(prefix="grid-") as folder:
+            grid = save_grid(Path(folder) / f"validation_step{state.step:08d}.png", held_out, outputs)
+            tracker.log_file(grid, "validation_grids")
+
+
+def _maybe_fail(cfg: LoopConfig, step: int, rank: int) -> None:
+    """Die once at the configured step, on the configured rank (recovery drills)."""
+    injection = cfg.failure_injection
+    if injection.at_step != step or injection.rank != rank or not injection.marker:
+        return
+    marker = Path(injection.marker)
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"worker {rank} stopped at step {step}\n")
+    log.warning("failure injection: rank %d exits at step %d", rank, step)
+    os._exit(1)

@@ -1,0 +1,158 @@
+"""What the jobs hand on: folders of safetensors + JSON, loadable without executing code.
+
+- perceiver: ``QualityPerceiver.save`` output, plus ``clip.safetensors`` (and ``clip_arch.json``)
+  when it was trained over a local CLIP file, so the folder alone rebuilds it;
+- medium tier: ``medium_tier.json`` (restorer config, K) + ``fold_{j}.safetensors``;
+- restorer: ``restorer.json`` (restorer config) + ``model.safetensors``.
+
+A product is named by a local path or an MLflow URI (``runs:/<id>/<path>``, ``models:/...``,
+``mlflow-artifacts:/...``); URIs are downloaded first.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from perceive_ir.config import from_dict, to_dict
+from perceive_ir.models import MediumTierGenerator, PerceiverConfig, QualityPerceiver, RestorerConfig
+
+__all__ = [
+    "resolve_product",
+    "save_restorer",
+    "load_restorer",
+    "save_medium_tier",
+    "load_medium_tier",
+    "save_perceiver",
+    "load_perceiver",
+    "ensure_clip_weights",
+]
+
+_URI_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+
+
+def resolve_product(location: str, what: str, config_key: str, tracking_uri: str | None = None) -> Path:
+    """A local folder for ``location`` (a path, or an MLflow URI that is downloaded)."""
+    if location.startswith(_URI_SCHEMES):
+        import mlflow
+
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=tracking_uri,
+                                                        dst_path=tempfile.mkdtemp(prefix="product-"))
+        except Exception as err:  # noqa: BLE001 - MLflow raises several types; name the URI
+            raise FileNotFoundError(f"{what}: cannot download '{location}' (from '{config_key}'): {err}") from None
+        return Path(local)
+    path = Path(location).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what}: folder '{path}' (from '{config_key}') does not exist")
+    return path
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def save_restorer(restorer: nn.Module, cfg: RestorerConfig, directory: str | Path, name: str = "model") -> Path:
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(_state(restorer), str(directory / f"{name}.safetensors"))
+    (directory / "restorer.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    return directory
+
+
+def _load_weights(module: nn.Module, path: Path) -> nn.Module:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file '{path}' does not exist")
+    missing, unexpected = module.load_state_dict(load_file(str(path)), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"'{path}' does not fit the configured restorer: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return module
+
+
+def load_restorer(directory: str | Path, name: str = "model") -> tuple[nn.Module, RestorerConfig]:
+    directory = Path(directory)
+    cfg = from_dict(RestorerConfig, json.loads((directory / "restorer.json").read_text()), str(directory / "restorer.json"))
+    return _load_weights(cfg.build(), directory / f"{name}.safetensors"), cfg
+
+
+def save_medium_tier(restorers: list[nn.Module], cfg: RestorerConfig, directory: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for j, restorer in enumerate(restorers):
+        save_file(_state(restorer), str(directory / f"fold_{j}.safetensors"))
+    meta = {"k": len(restorers), "restorer": to_dict(cfg)}
+    (directory / "medium_tier.json").write_text(json.dumps(meta, indent=2))
+    return directory
+
+
+def load_medium_tier(directory: str | Path) -> tuple[list[nn.Module], RestorerConfig]:
+    directory = Path(directory)
+    meta_file = directory / "medium_tier.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"'{directory}' is not a medium-tier folder (no medium_tier.json)")
+    meta = json.loads(meta_file.read_text())
+    cfg = from_dict(RestorerConfig, meta["restorer"], str(meta_file))
+    restorers = [_load_weights(cfg.build(), directory / f"fold_{j}.safetensors") for j in range(int(meta["k"]))]
+    return restorers, cfg
+
+
+def medium_tier_generator(directory: str | Path) -> MediumTierGenerator:
+    restorers, _ = load_medium_tier(directory)
+    return MediumTierGenerator(restorers)
+
+
+def save_perceiver(perceiver: QualityPerceiver, cfg: PerceiverConfig, directory: str | Path) -> Path:
+    directory = Path(perceiver.save(directory))
+    if cfg.clip_weights:
+        shutil.copyfile(cfg.clip_weights, directory / "clip.safetensors")
+    if cfg.arch_config:
+        shutil.copyfile(cfg.arch_config, directory / "clip_arch.json")
+    return directory
+
+
+def load_perceiver(directory: str | Path) -> QualityPerceiver:
+    directory = Path(directory)
+    if not (directory / "perceiver.json").is_file():
+        raise FileNotFoundError(f"'{directory}' is not a perceiver folder (no perceiver.json)")
+    clip = directory / "clip.safetensors"
+    arch = directory / "clip_arch.json"
+    return QualityPerceiver.load(directory, clip_weights=str(clip) if clip.is_file() else None,
+                                 arch_config=str(arch) if arch.is_file() else None)
+
+
+def ensure_clip_weights(cfg: PerceiverConfig, seed: int | None, cache: str | Path) -> PerceiverConfig:
+    """Without pretrained CLIP weights (the tiny offline profile), a seeded random CLIP saved as a file
+    gives the perceiver a reproducible identity; every worker builds the very same file."""
+    if cfg.clip_weights or cfg.pretrained or seed is None:
+        return cfg
+    import dataclasses
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    from perceive_ir.models.clip_backend import register_arch_config
+
+    if cfg.arch_config:
+        register_arch_config(cfg.arch_config)
+    path = Path(cache) / f"{cfg.architecture}-seed{seed}.safetensors"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        model = open_clip.create_model(cfg.architecture, pretrained=None)
+        torch.random.set_rng_state(state)
+        partial = path.with_suffix(".partial")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(partial))
+        partial.replace(path)
+    return dataclasses.replace(cfg, clip_weights=str(path))

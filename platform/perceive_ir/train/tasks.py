@@ -1,0 +1,122 @@
+"""Stage tasks: what the loop trains, how it validates, and what it hands on at the end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from perceive_ir.eval.validation import HeldOutSet, evaluate
+from perceive_ir.losses import LossConfig
+from perceive_ir.models import MediumTierGenerator, PerceiverConfig, QualityPerceiver, RestorerConfig
+from perceive_ir.train.config import OptimizerConfig
+from perceive_ir.train.products import save_medium_tier, save_perceiver, save_restorer
+from perceive_ir.train.schedule import phase_factor
+from perceive_ir.train.steps import DegradedBatch, Stage1Model, Stage2Model
+
+__all__ = ["Stage1Task", "Stage2Task"]
+
+
+def _dtype(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+class Stage2Task:
+    """The restorer under the quality-aware objective, with a frozen stage-1 perceiver."""
+
+    group_names = ["restorer"]
+
+    def __init__(self, restorer_cfg: RestorerConfig, loss_cfg: LossConfig, perceiver: QualityPerceiver,
+                 medium_tier: Optional[MediumTierGenerator], optim: OptimizerConfig, max_steps: int) -> None:
+        self.restorer_cfg, self.optim, self.max_steps = restorer_cfg, optim, max_steps
+        self.perceiver = perceiver.freeze_prompts()
+        self.model = Stage2Model(restorer_cfg.build(), loss_cfg.build(self.perceiver), medium_tier)
+        self._last_restored: torch.Tensor | None = None
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.model.restorer.parameters() if p.requires_grad]}]
+
+    def schedule_factors(self) -> list[Callable[[int], float]]:
+        return [phase_factor(0, self.max_steps, self.optim.warmup_steps, self.optim.floor)]
+
+    def compute(self, engine, batch: DegradedBatch, step: int) -> dict[str, torch.Tensor]:
+        terms, restored = engine(batch.degraded, batch.clean, batch.keys, batch.type_index)
+        self._last_restored = restored.detach()
+        return terms
+
+    @torch.no_grad()
+    def live_metrics(self) -> dict[str, float]:
+        """The perceiver's no-reference score of the latest training outputs."""
+        if self._last_restored is None:
+            return {}
+        score = self.perceiver.quality_score(self._last_restored.clamp(0, 1))
+        return {"train/quality_out": float(score.float().mean())}
+
+    def validate(self, module: Stage2Model, held_out: HeldOutSet):
+        dtype = _dtype(module.restorer)
+        return evaluate(lambda x: module.restore(x.to(dtype)), held_out,
+                        quality=lambda y: self.perceiver.quality_score(y.to(dtype)))
+
+    def save_products(self, module: Stage2Model, folder: Path) -> dict[str, Path]:
+        return {"restorer": save_restorer(module.restorer, self.restorer_cfg, folder / "restorer")}
+
+
+class Stage1Task:
+    """Phase 1: K hold-out restorers (unless given); phase 2: the perceiver's prompts on triplets."""
+
+    def __init__(self, restorer_cfg: RestorerConfig, restorers: list[torch.nn.Module], train_restorers: bool,
+                 perceiver_cfg: PerceiverConfig, optim: OptimizerConfig, prompt_lr: float,
+                 restorer_steps: int, prompt_steps: int) -> None:
+        self.restorer_cfg, self.perceiver_cfg = restorer_cfg, perceiver_cfg
+        self.optim, self.prompt_lr = optim, prompt_lr
+        self.restorer_steps = restorer_steps if train_restorers else 0
+        self.prompt_steps = prompt_steps
+        if not train_restorers:
+            for r in restorers:
+                r.requires_grad_(False)
+        self.model = Stage1Model(restorers, perceiver_cfg.build())
+        self.group_names = (["restorers"] if self.restorer_steps else []) + ["prompts"]
+
+    def phase(self, step: int) -> str:
+        return "restorers" if step < self.restorer_steps else "prompts"
+
+    def param_groups(self) -> list[dict]:
+        groups = []
+        if self.restorer_steps:
+            groups.append({"params": [p for p in self.model.restorers.parameters() if p.requires_grad]})
+        groups.append({"params": [self.model.perceiver.prompts.context], "lr": self.prompt_lr})
+        return groups
+
+    def schedule_factors(self) -> list[Callable[[int], float]]:
+        warmup, floor = self.optim.warmup_steps, self.optim.floor
+        factors = [phase_factor(0, self.restorer_steps, warmup, floor)] if self.restorer_steps else []
+        prompt_floor = min(1.0, self.optim.min_lr / self.prompt_lr)
+        return factors + [phase_factor(self.restorer_steps, self.prompt_steps, warmup, prompt_floor)]
+
+    def compute(self, engine, batch: DegradedBatch, step: int) -> dict[str, torch.Tensor]:
+        return engine(batch.degraded, batch.clean, batch.keys, self.phase(step))
+
+    def live_metrics(self) -> dict[str, float]:
+        return {}
+
+    @torch.no_grad()
+    def validate(self, module: Stage1Model, held_out: HeldOutSet):
+        dtype = _dtype(module.restorers)
+        metrics, outputs = evaluate(lambda x: module.medium(x.to(dtype), held_out.keys), held_out,
+                                    quality=lambda y: module.perceiver.quality_score(y.to(dtype)))
+        correct = total = 0
+        for degraded, clean in held_out.items.values():
+            medium = module.medium(degraded.to(dtype), held_out.keys)
+            images = torch.cat([degraded.to(dtype), medium, clean.to(dtype)])
+            tiers = torch.arange(3, device=images.device).repeat_interleave(degraded.shape[0])
+            correct += int((module.perceiver.logits(images).argmax(-1) == tiers).sum())
+            total += tiers.numel()
+        metrics["val/tier_accuracy"] = correct / total
+        return metrics, outputs
+
+    def save_products(self, module: Stage1Model, folder: Path) -> dict[str, Path]:
+        return {
+            "medium_tier": save_medium_tier(list(module.restorers), self.restorer_cfg, folder / "medium_tier"),
+            "perceiver": save_perceiver(module.perceiver, self.perceiver_cfg, folder / "perceiver"),
+        }

@@ -1,0 +1,120 @@
+"""Training without Ray: the schedule, and the stage-1/stage-2 tasks under a real DeepSpeed
+engine (one process, gloo) with exact resume from a checkpoint."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from _train_fixtures import TINY_NAFNET_RESTORER, FolderTracker, build_tiny_shards
+from perceive_ir.config import ConfigError, from_dict
+from perceive_ir.data.pipeline import LoaderConfig, ShardSourceConfig
+from perceive_ir.degrade import DegradationConfig
+from perceive_ir.eval.validation import ValidationConfig
+from perceive_ir.losses import LossConfig
+from perceive_ir.models import PerceiverConfig, RestorerConfig
+from perceive_ir.train.config import EngineConfig, LoopConfig, OptimizerConfig
+from perceive_ir.train.engine import deepspeed_settings, init_distributed
+from perceive_ir.train.loop import LocalReporter, TrainingSettings, run_training
+from perceive_ir.train.products import ensure_clip_weights, load_perceiver, medium_tier_generator
+from perceive_ir.train.schedule import phase_factor, warmup_cosine
+from perceive_ir.train.tasks import Stage1Task, Stage2Task
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_VGG = {"pretrained": False, "widths": [8, 16, 16, 32, 32], "layers": [3, 8, 15, 22]}
+
+
+def test_warmup_then_cosine_to_the_floor():
+    factors = [warmup_cosine(s, warmup=4, total=20, floor=0.1) for s in range(21)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+    assert math.isclose(factors[20], 0.1)
+    phase = phase_factor(start=10, length=5, warmup=0, floor=0.0)
+    assert phase(9) == 0.0 and phase(15) == 0.0 and phase(10) == 1.0
+
+
+def test_deepspeed_settings_fill_batch_precision_and_name_a_missing_file(tmp_path):
+    cfg = EngineConfig(deepspeed_config=str(REPO / "configs/deepspeed/zero2.json"), gradient_accumulation_steps=3,
+                       gradient_clipping=0.5)
+    settings = deepspeed_settings(cfg, micro_batch=4, world_size=2, device=torch.device("cpu"))
+    assert settings["train_batch_size"] == 24 and settings["gradient_clipping"] == 0.5
+    assert settings["bf16"] == {"enabled": False} and settings["zero_optimization"]["stage"] == 2
+    with pytest.raises(ConfigError, match="engine.deepspeed_config.*does not exist"):
+        deepspeed_settings(EngineConfig(deepspeed_config=str(tmp_path / "nope.json")), 4, 1, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def shards(package_photos, tmp_path_factory) -> str:
+    return build_tiny_shards(package_photos, str(tmp_path_factory.mktemp("train") / "shards"))
+
+
+def settings(shards: str, **loop) -> TrainingSettings:
+    return TrainingSettings(
+        loader=LoaderConfig(sources=[ShardSourceConfig(shards)], patch_size=32, batch_size=4, samples_per_epoch=12,
+                            num_workers=0, shuffle_buffer=8),
+        degradation=DegradationConfig(mixture={"gaussian_noise": 1.0, "rain": 1.0, "haze": 1.0}),
+        validation=ValidationConfig(images=2, patch_size=32, types=["gaussian_noise", "haze"]),
+        loop=LoopConfig(**{"max_steps": 4, "log_every": 1, "val_every": 2, "checkpoint_every": 2, **loop}),
+        optimizer=OptimizerConfig(lr=1e-3, warmup_steps=1, min_lr=1e-5),
+        engine=EngineConfig(deepspeed_config=str(REPO / "configs/deepspeed/zero1.json")),
+    )
+
+
+def test_stage1_products_feed_stage2_which_resumes_exactly(shards, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # relative model paths in the configs
+    monkeypatch.setenv("MASTER_PORT", str(_port()))
+    cpu = torch.device("cpu")
+    init_distributed(cpu)
+    restorer_cfg = from_dict(RestorerConfig, TINY_NAFNET_RESTORER)
+    perceiver_cfg = ensure_clip_weights(
+        from_dict(PerceiverConfig, yaml.safe_load((REPO / "configs/models/perceiver_tiny.yaml").read_text())),
+        seed=0, cache=tmp_path / "clip")
+
+    s1 = settings(shards)
+    stage1 = Stage1Task(restorer_cfg, [restorer_cfg.build() for _ in range(2)], True, perceiver_cfg,
+                        s1.optimizer, prompt_lr=1e-3, restorer_steps=2, prompt_steps=2)
+    tracker1 = FolderTracker(tmp_path / "stage1")
+    state = run_training(stage1, s1, LocalReporter(tmp_path / "ck1"), tracker1, 0, 1, cpu)
+    assert state.step == 4 and state.micro_batches == 4
+    assert [s for s, _ in tracker1.metrics["lr/restorers"]] == [1, 2, 3, 4]
+    assert tracker1.metrics["lr/restorers"][-1][1] == 0.0 and tracker1.metrics["lr/prompts"][0][1] == 0.0
+    assert "val/gaussian_noise/psnr_out" in tracker1.metrics and "val/tier_accuracy" in tracker1.metrics
+    assert len(list((tmp_path / "stage1/validation_grids").glob("*.png"))) == 2
+    assert sorted(p.name for p in (tmp_path / "ck1").iterdir()) == ["step_00000002", "step_00000004"]
+
+    perceiver_dir, medium_dir = tmp_path / "stage1/perceiver", tmp_path / "stage1/medium_tier"
+    loss_cfg = from_dict(LossConfig, {"l1": 0.0, "perceptual": {"name": "difficulty_adaptive_perceptual",
+                                                                "params": {"vgg": TINY_VGG}}})
+
+    def stage2(run: str, **loop) -> tuple[FolderTracker, dict]:
+        s2 = settings(shards, **loop)
+        task = Stage2Task(restorer_cfg, loss_cfg, load_perceiver(perceiver_dir), medium_tier_generator(medium_dir),
+                          s2.optimizer, s2.loop.max_steps)
+        tracker = FolderTracker(tmp_path / run)
+        run_training(task, s2, LocalReporter(tmp_path / f"ck-{run}"), tracker, 0, 1, cpu)
+        return tracker, task
+
+    straight, _ = stage2("straight")
+    first, _ = stage2("resumed", stop_after_steps=2)
+    assert not (tmp_path / "resumed/restorer").exists()  # stopped early: no final product yet
+    again, _ = stage2("resumed")
+    assert again.metrics["resumed_from_step"] == [(2, 2.0)]
+    assert [s for s, _ in again.metrics["train/total"]] == [3, 4]
+    for (sa, a), (sb, b) in zip(straight.metrics["train/total"][2:], again.metrics["train/total"]):
+        assert sa == sb and math.isclose(a, b, rel_tol=1e-5), (sa, a, b)
+    assert {"train/rec", "train/clip", "train/dpl", "train/quality_out"} <= set(straight.metrics)
+    a = load_file(str(tmp_path / "straight/restorer/model.safetensors"))
+    b = load_file(str(tmp_path / "resumed/restorer/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _port() -> int:
+    from conftest import _free_port
+
+    return _free_port()
