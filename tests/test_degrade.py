@@ -366,3 +366,20 @@ def test_benchmark_reference_implements_the_same_degradations():
         else:  # another random realisation of the same process: the same damage on average
             engine_db, reference_db = psnr(out, clean).mean(), psnr(ref, clean).mean()
             assert abs(engine_db - reference_db) < 1.0, (name, engine_db, reference_db)
+
+
+def test_fft_blur_equals_direct_convolution_with_mirrored_borders():
+    import kornia
+
+    from perceive_ir.degrade.kernels import centred_grid, gaussian_kernel
+
+    clean = package_photos(64)
+    theta = torch.tensor([0.0, 0.5, 1.2, 2.8])
+    major, minor, size = torch.full((4,), 2.5), torch.tensor([2.5, 1.0, 0.8, 1.5]), torch.tensor([21.0, 15.0, 9.0, 21.0])
+    params = {"sigma_major": major, "sigma_minor": minor, "theta": theta, "size": size}
+    specs = [Spec("gaussian_blur", params={k: float(v[i]) for k, v in params.items()}) for i in range(4)]
+    blurred, _ = Degrader()(clean, keys_for(4), specs=specs)
+    kernels = gaussian_kernel(major, minor, theta, size, *centred_grid(10, clean.device))[:, 0]
+    direct = kornia.filters.filter2d(clean, kernels, border_type="reflect")
+    torch.testing.assert_close(blurred, direct.clamp(0, 1), atol=1e-5, rtol=0)
+    assert (psnr(blurred, clean) < 30).all()

@@ -84,6 +84,8 @@ class Degrader:
     def _plan(self, spec: Spec, seed: int) -> _Plan:
         draws = SampleRNG([seed], "cpu")
         if spec.type == "mixed":
+            if spec.params is not None:
+                raise ValueError("a mixed spec takes a severity or level (and optionally a chain), not params")
             severity = _severity(spec, LEVELS)
             mixed = self.config.mixed
             chain = list(spec.chain) if spec.chain else Mixed.sample_chain(
