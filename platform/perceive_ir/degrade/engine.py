@@ -169,13 +169,30 @@ def _run_steps(images: torch.Tensor, plans: list[_Plan]) -> torch.Tensor:
             }
             rng = SampleRNG([r[2] for r in rows], images.device)
             if len(members) == len(plans):
-                out = kind.apply(out, params, rng).to(images.dtype)
+                out = _apply(kind, out, params, rng)
             else:
                 if out is images:
                     out = images.clone()
                 index = torch.tensor(members, dtype=torch.int64).to(images.device)
-                out.index_copy_(0, index, kind.apply(out.index_select(0, index), params, rng).to(images.dtype))
+                out.index_copy_(0, index, _apply(kind, out.index_select(0, index), params, rng))
     return out if out is not images else images.clone()
+
+
+# Elements per block when a pointwise type runs on the CPU (a few MiB per float tensor).
+_CPU_BLOCK = 1 << 19
+
+
+def _apply(kind, images: torch.Tensor, params: dict[str, torch.Tensor], rng: SampleRNG) -> torch.Tensor:
+    per_sample = images[0].numel()
+    block = max(1, _CPU_BLOCK // max(1, per_sample))
+    if images.device.type != "cpu" or not kind.pointwise or block >= len(images):
+        return kind.apply(images, params, rng).to(images.dtype)
+    out = torch.empty_like(images)
+    for start in range(0, len(images), block):
+        rows = range(start, min(len(images), start + block))
+        part = {name: value[rows.start : rows.stop] for name, value in params.items()}
+        out[rows.start : rows.stop] = kind.apply(images[rows.start : rows.stop], part, rng.subset(rows))
+    return out
 
 
 def _labels(specs: Sequence[Spec], plans: list[_Plan], seeds: list[int], device: torch.device) -> Labels:

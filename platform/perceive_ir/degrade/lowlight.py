@@ -18,6 +18,7 @@ class LowLight(Degradation):
     then shot noise of a sensor with ``peak`` photons at white (10**3.3 -> 10**2) and
     read noise ``read_sigma`` 1 -> 8 (0-255 scale), all with severity."""
 
+    pointwise = True
     param_names = ("gain", "gamma", "peak", "read_sigma")
 
     def params_at(self, severity: float, rng: np.random.Generator) -> dict[str, float]:

@@ -27,14 +27,18 @@ def signal_dependent_noise(
 ) -> torch.Tensor:
     """x + sqrt(x / peak + read_sigma**2) * n: the heteroscedastic Gaussian form of
     Poisson(peak * x) / peak plus Gaussian read noise (read_sigma on the [0, 1] scale)."""
-    variance = images.clamp(min=0) / per_sample(peak) + per_sample(read_sigma) ** 2
-    return images + variance.sqrt_() * standard_normal_like(images, rng)
+    noise = standard_normal_like(images, rng)
+    inverse_peak = per_sample(1.0 / peak).to(images.dtype)
+    read_variance = per_sample(read_sigma**2).to(images.dtype)
+    std = torch.addcmul(read_variance, images.clamp(min=0), inverse_peak).sqrt_()
+    return torch.addcmul(images, std, noise)
 
 
 @register("gaussian_noise")
 class GaussianNoise(Degradation):
     """x + sigma / 255 * n, n ~ N(0, 1), then clamped to [0, 1]; sigma = 75 * severity."""
 
+    pointwise = True
     param_names = ("sigma",)
     extra_levels = {"sigma15": 15 / MAX_SIGMA, "sigma25": 25 / MAX_SIGMA, "sigma50": 50 / MAX_SIGMA}
     level_params = {"sigma15": {"sigma": 15.0}, "sigma25": {"sigma": 25.0}, "sigma50": {"sigma": 50.0}}
@@ -44,7 +48,8 @@ class GaussianNoise(Degradation):
 
     def apply(self, images: torch.Tensor, params: Mapping[str, torch.Tensor], rng: SampleRNG) -> torch.Tensor:
         noise = standard_normal_like(images, rng)
-        return noise.mul_(per_sample(params["sigma"] / 255.0)).add_(images).clamp_(0.0, 1.0)
+        sigma = per_sample(params["sigma"] / 255.0).to(images.dtype)
+        return torch.addcmul(images, noise, sigma).clamp_(0.0, 1.0)
 
 
 @register("poisson_gaussian_noise")
@@ -52,6 +57,7 @@ class PoissonGaussianNoise(Degradation):
     """Shot noise of a sensor whose white level collects ``peak`` photons, plus read noise
     ``read_sigma`` (0-255 scale). peak falls log-linearly 1000 -> 10, read_sigma 2 -> 20."""
 
+    pointwise = True
     param_names = ("peak", "read_sigma")
 
     def params_at(self, severity: float, rng: np.random.Generator) -> dict[str, float]:

@@ -33,6 +33,9 @@ class Degradation:
 
     name: str = ""
     param_names: tuple[str, ...] = ()
+    # Each output pixel depends only on the same input pixel: on the CPU the engine may
+    # then run the batch in cache-sized blocks of samples (same result, less memory traffic).
+    pointwise: bool = False
     # Parameters that are exact for a named level (e.g. sigma25 -> sigma 25.0).
     level_params: Mapping[str, Mapping[str, float]] = {}
     extra_levels: Mapping[str, float] = {}
