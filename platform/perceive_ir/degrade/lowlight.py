@@ -32,6 +32,8 @@ class LowLight(Degradation):
     def apply(self, images: torch.Tensor, params: Mapping[str, torch.Tensor], rng: SampleRNG) -> torch.Tensor:
         gain = per_sample(params["gain"]).to(images.dtype)
         gamma = per_sample(params["gamma"]).to(images.dtype)
-        dark = (images.clamp(min=0.0) * gain).pow_(gamma)
+        # (gain x)^gamma as exp(gamma log(gain x)): a per-sample exponent makes pow() a
+        # scalar loop on CPUs, log/exp are vectorised; log(0) = -inf gives exp(-inf) = 0.
+        dark = images.clamp(min=0.0).mul_(gain).log_().mul_(gamma).exp_()
         noisy = signal_dependent_noise(dark, params["peak"], params["read_sigma"] / 255.0, rng)
         return noisy.clamp_(0.0, 1.0)
