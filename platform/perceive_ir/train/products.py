@@ -1,6 +1,6 @@
 """What the jobs hand on: folders of safetensors + JSON, loadable without executing code.
 
-- perceiver: ``QualityPerceiver.save`` output, plus ``clip.safetensors`` (and ``clip_arch.json``)
+- perceiver: ``QualityPerceiver.save`` output, plus ``clip.safetensors`` (and ``arch/<architecture>.json``)
   when it was trained over a local CLIP file, so the folder alone rebuilds it;
 - medium tier: ``medium_tier.json`` (restorer config, K) + ``fold_{j}.safetensors``;
 - restorer: ``restorer.json`` (restorer config) + ``model.safetensors``.
@@ -116,8 +116,9 @@ def save_perceiver(perceiver: QualityPerceiver, cfg: PerceiverConfig, directory:
     directory = Path(perceiver.save(directory))
     if cfg.clip_weights:
         shutil.copyfile(cfg.clip_weights, directory / "clip.safetensors")
-    if cfg.arch_config:
-        shutil.copyfile(cfg.arch_config, directory / "clip_arch.json")
+    if cfg.arch_config:  # open_clip names an architecture after its JSON file
+        (directory / "arch").mkdir(exist_ok=True)
+        shutil.copyfile(cfg.arch_config, directory / "arch" / f"{cfg.architecture}.json")
     return directory
 
 
@@ -126,9 +127,9 @@ def load_perceiver(directory: str | Path) -> QualityPerceiver:
     if not (directory / "perceiver.json").is_file():
         raise FileNotFoundError(f"'{directory}' is not a perceiver folder (no perceiver.json)")
     clip = directory / "clip.safetensors"
-    arch = directory / "clip_arch.json"
+    arch = sorted((directory / "arch").glob("*.json")) if (directory / "arch").is_dir() else []
     return QualityPerceiver.load(directory, clip_weights=str(clip) if clip.is_file() else None,
-                                 arch_config=str(arch) if arch.is_file() else None)
+                                 arch_config=str(arch[0]) if arch else None)
 
 
 def ensure_clip_weights(cfg: PerceiverConfig, seed: int | None, cache: str | Path) -> PerceiverConfig:

@@ -1,0 +1,15 @@
+"""Stage 2: the restorer trained with the quality-aware losses and the frozen stage-1 perceiver.
+
+    python jobs/stage2.py --config configs/stage2_tiny.yaml perceiver=runs:/<id>/perceiver \
+        medium_tier=runs:/<id>/medium_tier
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/stage2.py --config ...
+
+The final restorer weights (``restorer/model.safetensors``) are logged to the job's MLflow run.
+"""
+
+import sys
+
+from _common import main
+
+if __name__ == "__main__":
+    sys.exit(main("stage2", __doc__))

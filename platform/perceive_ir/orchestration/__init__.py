@@ -1,0 +1,1 @@
+"""Ray Train around the training loop: job configs, run storage, the trainer, run naming and resume."""

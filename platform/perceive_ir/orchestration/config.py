@@ -1,0 +1,102 @@
+"""Typed configuration of the two training jobs (stage 1, stage 2) and of where and how they run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from perceive_ir.data.pipeline import LoaderConfig
+from perceive_ir.degrade import DegradationConfig
+from perceive_ir.eval.validation import ValidationConfig
+from perceive_ir.losses import LossConfig
+from perceive_ir.models import PerceiverConfig, RestorerConfig
+from perceive_ir.tracking import TrackingConfig
+from perceive_ir.train.config import EngineConfig, LoopConfig, OptimizerConfig
+
+__all__ = ["RaySettings", "RunStorageConfig", "DataSection", "JobConfig", "Stage1Config", "Stage2Config"]
+
+
+@dataclass
+class RaySettings:
+    address: Optional[str] = None  # None: the cluster of a submitted job, else a new local Ray
+    num_workers: int = 2
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+    health_check_interval_s: Optional[float] = None  # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S for small runs
+    local_cpus: Optional[int] = None  # CPUs of a new local Ray (None: all)
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError("num_workers must be >= 1")
+
+
+@dataclass
+class RunStorageConfig:
+    path: str = "runs/ray"  # a local folder or s3://bucket/prefix: checkpoints and Ray's run state
+    endpoint_url: Optional[str] = None  # S3-compatible stores (MinIO, Ceph, ...); credentials from the environment
+    keep_last: int = 3  # checkpoints kept
+    max_failures: int = 2  # worker failures recovered from the last checkpoint
+
+    def __post_init__(self) -> None:
+        if self.keep_last < 1:
+            raise ValueError("keep_last must be >= 1")
+
+
+@dataclass
+class DataSection:
+    train: LoaderConfig
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+@dataclass
+class JobConfig:
+    name: str  # the run name: a relaunch with the same name continues the run
+    data: DataSection
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    ray: RaySettings = field(default_factory=RaySettings)
+    storage: RunStorageConfig = field(default_factory=RunStorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c in self.name for c in "/\\ "):
+            raise ValueError(f"name '{self.name}' must be non-empty, without spaces or slashes")
+
+
+@dataclass
+class Stage1Config(JobConfig):
+    """Stage 1: K hold-out restorers (or given ones), then the perceiver's prompts.
+
+    ``loop.max_steps`` is derived: restorer_steps (0 when ``medium_tier`` is given) + prompt_steps."""
+
+    restorer: RestorerConfig = field(default_factory=lambda: RestorerConfig(conditioning={"name": "none"}))
+    folds: int = 2
+    restorer_steps: int = 1000
+    prompt_steps: int = 1000
+    prompt_lr: float = 4e-5
+    medium_tier: Optional[str] = None  # reuse trained fold restorers: a folder or an MLflow URI
+    perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
+    clip_init_seed: Optional[int] = None  # no pretrained CLIP (offline tiny profile): a seeded random one
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.folds < 2:
+            raise ValueError("folds must be >= 2 (hold-out needs K >= 2)")
+        if self.prompt_steps < 1 or self.restorer_steps < 0:
+            raise ValueError("prompt_steps must be >= 1 and restorer_steps >= 0")
+        self.loop.max_steps = (0 if self.medium_tier else self.restorer_steps) + self.prompt_steps
+
+
+@dataclass
+class Stage2Config(JobConfig):
+    restorer: RestorerConfig = field(default_factory=RestorerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    perceiver: str = ""  # the stage-1 perceiver: a folder or an MLflow URI (runs:/<id>/perceiver, models:/...)
+    medium_tier: Optional[str] = None  # the stage-1 fold restorers (hard negatives of L_dpl)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.perceiver:
+            raise ValueError("stage 2 needs 'perceiver': the stage-1 product (a folder or runs:/<id>/perceiver)")

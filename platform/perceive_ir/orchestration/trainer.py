@@ -1,0 +1,122 @@
+"""Build and run the Ray Train ``TorchTrainer`` of a job: scaling, storage, failures, checkpoints, naming."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from perceive_ir.config import flatten, to_dict
+from perceive_ir.orchestration.config import JobConfig, RaySettings
+from perceive_ir.orchestration.storage import run_storage
+from perceive_ir.tracking import RunTracker, find_or_create_run, version_tags
+
+log = logging.getLogger(__name__)
+
+__all__ = ["connect", "build_trainer", "launch", "runtime_env", "JobResult"]
+
+# Environment a worker needs from the launching shell when it is set there (never credentials).
+_PASSED_ENV = ("HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "OMP_NUM_THREADS")
+_UPLOAD_EXCLUDES = [".git", ".venv", "runs", "mlruns", "mlartifacts", "*.db", "__pycache__", "*.egg-info"]
+
+
+def runtime_env(settings: RaySettings, working_dir: Optional[Path], in_job: bool) -> dict[str, Any]:
+    """Workers run in the repository's folder (relative config paths hold) with ``platform/`` importable.
+    Inside a submitted job the working folder is already the job's: only environment variables are added."""
+    env_vars = {name: os.environ[name] for name in _PASSED_ENV if name in os.environ}
+    env_vars["PYTHONPATH"] = os.pathsep.join(["platform", "."])  # relative to the worker's working folder
+    if settings.health_check_interval_s is not None:
+        env_vars["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(settings.health_check_interval_s)
+    env: dict[str, Any] = {"env_vars": env_vars}
+    if not in_job and working_dir is not None:
+        env.update(working_dir=str(working_dir), excludes=_UPLOAD_EXCLUDES)
+    return env
+
+
+def _submitted_job_runtime_env() -> Optional[dict]:
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return json.loads(raw).get("runtime_env") or {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def connect(settings: RaySettings, working_dir: Optional[Path]) -> None:
+    """Join the cluster of a submitted job, a given address, or start a local Ray."""
+    import ray
+
+    if settings.health_check_interval_s is not None:
+        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(settings.health_check_interval_s)
+    if ray.is_initialized():
+        return
+    job_env = _submitted_job_runtime_env()
+    in_job = job_env is not None and bool(job_env.get("working_dir"))
+    env = runtime_env(settings, working_dir, in_job)
+    if in_job and "PYTHONPATH" in job_env.get("env_vars", {}):
+        env["env_vars"].pop("PYTHONPATH")  # the job's own setting wins; merging would conflict
+    kwargs: dict[str, Any] = {"runtime_env": env, "log_to_driver": True}
+    if settings.address:
+        kwargs["address"] = settings.address
+    elif not in_job and settings.local_cpus:
+        kwargs["num_cpus"] = settings.local_cpus
+    ray.init(**kwargs)
+
+
+def build_trainer(cfg: JobConfig, payload: dict[str, Any]):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from perceive_ir.orchestration.worker import train_worker
+
+    storage_path, filesystem = run_storage(cfg.storage)
+    resources = dict(cfg.ray.resources_per_worker)
+    payload["threads_per_worker"] = max(1, int(resources.get("CPU", 1)))
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=payload,
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=cfg.storage.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.storage.keep_last),
+        ),
+    )
+
+
+class JobResult:
+    def __init__(self, run_id: str, tracking_uri: str, result: Any) -> None:
+        self.run_id, self.tracking_uri, self.result = run_id, tracking_uri, result
+
+
+def launch(stage: str, cfg: JobConfig, working_dir: Optional[Path] = None) -> JobResult:
+    """Find or create the job's MLflow run, then train under Ray; returns the run id."""
+    import tempfile
+
+    import yaml
+
+    connect(cfg.ray, working_dir)
+    params = flatten(cfg)
+    tracking_uri, run_id, created = find_or_create_run(cfg.tracking, cfg.name, params, version_tags(), stage)
+    tracker = RunTracker(tracking_uri, run_id)
+    with tempfile.TemporaryDirectory() as folder:
+        resolved = Path(folder) / f"{stage}_resolved.yaml"
+        resolved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        tracker.log_file(resolved, "config")
+    log.info("%s: MLflow run %s (%s)", cfg.name, run_id, "new" if created else "continued")
+    payload = {"stage": stage, "config": to_dict(cfg), "tracking_uri": tracking_uri, "run_id": run_id}
+    trainer = build_trainer(cfg, payload)
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracker.finish("FAILED")
+        raise
+    stopped_early = cfg.loop.stop_after_steps is not None and cfg.loop.stop_after_steps < cfg.loop.max_steps
+    tracker.finish("KILLED" if stopped_early else "FINISHED")
+    return JobResult(run_id, tracking_uri, result)

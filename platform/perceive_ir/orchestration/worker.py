@@ -1,0 +1,113 @@
+"""What each Ray Train worker runs: rebuild the config, the stage task and the loop, report through Ray."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from perceive_ir.config import from_dict
+from perceive_ir.orchestration.config import JobConfig, Stage1Config, Stage2Config
+from perceive_ir.train.engine import init_distributed
+from perceive_ir.train.loop import TrainingSettings, run_training
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RayReporter", "train_worker", "build_task", "training_settings"]
+
+CONFIGS = {"stage1": Stage1Config, "stage2": Stage2Config}
+
+
+class RayReporter:
+    """Checkpoints through ``ray.train.report``: every worker reports its own DeepSpeed shard folder,
+    Ray merges them into one checkpoint in the run's storage and keeps the last K."""
+
+    @contextlib.contextmanager
+    def latest(self):
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:
+            yield directory
+
+    def report(self, metrics: dict[str, Any], directory: str) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def training_settings(cfg: JobConfig) -> TrainingSettings:
+    return TrainingSettings(cfg.data.train, cfg.data.degradation, cfg.data.validation, cfg.loop,
+                            cfg.optimizer, cfg.engine)
+
+
+def build_task(stage: str, cfg: JobConfig, tracking_uri: str | None, cache: Path):
+    """The stage task, with its inputs resolved (products downloaded from MLflow when given as URIs)."""
+    from perceive_ir.train.products import (
+        ensure_clip_weights,
+        load_medium_tier,
+        load_perceiver,
+        medium_tier_generator,
+        resolve_product,
+    )
+    from perceive_ir.train.tasks import Stage1Task, Stage2Task
+
+    if stage == "stage1":
+        assert isinstance(cfg, Stage1Config)
+        perceiver_cfg = ensure_clip_weights(cfg.perceiver, cfg.clip_init_seed, cache / "clip")
+        if cfg.medium_tier:
+            folder = resolve_product(cfg.medium_tier, "medium tier", "medium_tier", tracking_uri)
+            restorers, restorer_cfg = load_medium_tier(folder)
+        else:
+            restorer_cfg, restorers = cfg.restorer, [cfg.restorer.build() for _ in range(cfg.folds)]
+        return Stage1Task(restorer_cfg, restorers, not cfg.medium_tier, perceiver_cfg, cfg.optimizer,
+                          cfg.prompt_lr, cfg.restorer_steps, cfg.prompt_steps)
+    assert isinstance(cfg, Stage2Config)
+    perceiver = load_perceiver(resolve_product(cfg.perceiver, "perceiver", "perceiver", tracking_uri))
+    medium = None
+    if cfg.medium_tier:
+        medium = medium_tier_generator(resolve_product(cfg.medium_tier, "medium tier", "medium_tier", tracking_uri))
+    return Stage2Task(cfg.restorer, cfg.loss, perceiver, medium, cfg.optimizer, cfg.loop.max_steps)
+
+
+def job_root() -> Path | None:
+    """The job's working folder (the uploaded repository). Ray puts it first on PYTHONPATH, while
+    Ray Train moves the worker into a scratch folder; relative paths of the config need the former."""
+    for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        path = Path(entry)
+        if path.is_absolute() and (path / "configs").is_dir():
+            return path
+    return None
+
+
+def train_worker(payload: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``."""
+    import ray.train
+    import ray.train.torch
+
+    logging.basicConfig(level=logging.INFO)
+    root = job_root()
+    if root is not None:
+        os.chdir(root)
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    stage = payload["stage"]
+    cfg = from_dict(CONFIGS[stage], payload["config"], f"{stage} job config")
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(payload.get("threads_per_worker", 1))))
+    init_distributed(device)
+    from perceive_ir.tracking import RunTracker
+
+    tracker = RunTracker(payload["tracking_uri"], payload["run_id"]) if rank == 0 else None
+    cache = Path(tempfile.gettempdir()) / "perceive_ir_cache" / f"{os.getuid()}"
+    task = build_task(stage, cfg, payload["tracking_uri"], cache)
+    state = run_training(task, training_settings(cfg), RayReporter(), tracker, rank, world_size, device)
+    log.info("rank %d finished at step %d", rank, state.step)

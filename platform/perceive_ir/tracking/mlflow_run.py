@@ -1,0 +1,176 @@
+"""One MLflow run per job, shared by every launch and every restarted worker.
+
+The driver finds the run by the tag ``perceive_ir.run_name`` (the Ray run name) in the
+experiment, or creates it; workers only receive its id and log through an ``MlflowClient``
+from rank 0. Tracking URI: the configuration, else ``MLFLOW_TRACKING_URI``, else a SQLite file
+(made absolute, so that workers in other folders write to the same database).
+"""
+
+from __future__ import annotations
+
+import os
+import platform as _platform
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+from urllib.parse import urlsplit, urlunsplit
+
+__all__ = ["TrackingConfig", "resolve_tracking_uri", "find_or_create_run", "RunTracker", "redact_params",
+           "version_tags", "RUN_NAME_TAG", "safe_uri"]
+
+RUN_NAME_TAG = "perceive_ir.run_name"
+_SECRET_WORDS = ("password", "secret", "token", "credential", "access_key", "secret_key", "api_key", "session")
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else sqlite:///<default_db>
+    experiment: str = "perceive-ir"
+    default_db: str = "mlflow.db"
+    artifact_location: Optional[str] = None  # new experiments only; None: 'mlartifacts' beside a SQLite file
+
+
+def resolve_tracking_uri(cfg: TrackingConfig) -> str:
+    uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{cfg.default_db}"
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if not path.startswith("/"):
+            uri = f"sqlite:///{Path(path).resolve()}"
+    elif "://" not in uri:  # a bare folder
+        uri = str(Path(uri).resolve())
+    return uri
+
+
+def safe_uri(uri: str) -> str:
+    """The URI without user name or password (for params, tags and logs)."""
+    parts = urlsplit(uri)
+    if parts.password is None and parts.username is None:
+        return uri
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+def _is_secret(key: str) -> bool:
+    leaf = key.rsplit(".", 1)[-1].lower()
+    return any(word in leaf for word in _SECRET_WORDS) or leaf in ("key", "aws_access_key_id")
+
+
+def redact_params(flat: Mapping[str, Any]) -> dict[str, str]:
+    """Flattened config -> MLflow params: secrets dropped, URLs without credentials, long values cut."""
+    params: dict[str, str] = {}
+    for key, value in flat.items():
+        if _is_secret(key):
+            continue
+        text = str(value)
+        if re.match(r"^[a-z][a-z0-9+.-]*://", text):
+            text = safe_uri(text)
+        params[key] = text[:6000]
+    return params
+
+
+def _git_commit() -> str:
+    commit = os.environ.get("PERCEIVE_IR_GIT_COMMIT")
+    if commit:
+        return commit
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, timeout=10, cwd=Path(__file__).resolve().parent).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def version_tags() -> dict[str, str]:
+    import importlib.metadata as md
+
+    tags = {"git_commit": _git_commit(), "python": _platform.python_version()}
+    for package in ("torch", "ray", "deepspeed", "mlflow"):
+        try:
+            tags[f"version.{package}"] = md.version(package)
+        except md.PackageNotFoundError:
+            tags[f"version.{package}"] = "absent"
+    return tags
+
+
+def _experiment_id(client, cfg: TrackingConfig, uri: str) -> str:
+    found = client.get_experiment_by_name(cfg.experiment)
+    if found is not None:
+        return found.experiment_id
+    location = cfg.artifact_location
+    if location is None and uri.startswith("sqlite:///"):
+        location = str(Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / cfg.experiment)
+    return client.create_experiment(cfg.experiment, artifact_location=location)
+
+
+def find_or_create_run(cfg: TrackingConfig, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str],
+                       job: str) -> tuple[str, str, bool]:
+    """``(tracking URI, run id, created)``: the run tagged with ``run_name``, or a new one with the params."""
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(cfg)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        experiment = _experiment_id(client, cfg, uri)
+    except Exception as err:  # noqa: BLE001 - name the store that cannot be reached
+        raise ConnectionError(f"MLflow tracking store '{safe_uri(uri)}' (from 'tracking.uri' or "
+                              f"MLFLOW_TRACKING_URI) cannot be used: {err}") from None
+    quoted = run_name.replace("'", "\\'")
+    runs = client.search_runs([experiment], filter_string=f"tags.`{RUN_NAME_TAG}` = '{quoted}'",
+                              max_results=1, order_by=["attributes.start_time ASC"])
+    if runs:
+        run_id = runs[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        launches = int(runs[0].data.tags.get("launches", "1")) + 1
+        client.set_tag(run_id, "launches", str(launches))
+        return uri, run_id, False
+    run = client.create_run(experiment, run_name=run_name,
+                            tags={RUN_NAME_TAG: run_name, "job": job, "launches": "1", **tags})
+    RunTracker(uri, run.info.run_id).log_params(params)
+    return uri, run.info.run_id, True
+
+
+class RunTracker:
+    """Logs into an existing run (rank 0 of the workers, or the driver)."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.uri, self.run_id = uri, run_id
+        self.client = MlflowClient(tracking_uri=uri)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in redact_params(params).items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        for start in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[start : start + 500])
+
+    def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_folder(self, path: str | Path, artifact_path: str) -> None:
+        self.client.log_artifacts(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, v)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
