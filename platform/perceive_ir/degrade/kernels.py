@@ -12,15 +12,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fast_len", "wrapped_grid", "centred_grid", "embed_kernels", "gaussian_kernel", "line_kernel", "fft_filter", "circular_filter"]
+__all__ = ["fast_len", "wrapped_grid", "centred_grid", "embed_kernels", "gaussian_kernel", "line_kernel", "fft_filter", "circular_filter", "pack_pairs", "unpack_pairs"]
 
 
 def fast_len(n: int) -> int:
-    """The smallest 2-3-5-smooth integer >= n (a size every FFT library handles fast)."""
+    """The smallest 2-3-5-7-smooth integer >= n (a size FFT libraries handle fast)."""
     best = n
     while True:
         m = best
-        for p in (2, 3, 5):
+        for p in (2, 3, 5, 7):
             while m % p == 0:
                 m //= p
         if m == 1:
@@ -81,32 +81,33 @@ def centred_grid(radius: int, device: torch.device, dtype=torch.float32):
     return r.view(1, 1, -1, 1), r.view(1, 1, 1, -1)
 
 
-def circular_filter(canvas: torch.Tensor, kernels: torch.Tensor, crop: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """Circular convolution of (B, C, h, w) with per-sample real (B, 1, h, w) kernels,
-    optionally cropped to ``(top, left, height, width)``.
+def pack_pairs(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) real -> (B, ceil(C/2), H, W) complex: channels 2k and 2k + 1 become
+    the real and imaginary parts of plane k (a zero imaginary part for an odd last one).
+    A real kernel keeps the two apart, so one complex FFT pair filters two channels and
+    the slow real inverse transform is never needed."""
+    images = images.float()
+    imag = images[:, 1::2]
+    if images.shape[1] % 2:
+        imag = torch.cat((imag, torch.zeros_like(images[:, :1])), dim=1)
+    return torch.complex(images[:, 0::2].contiguous(), imag.contiguous())
 
-    Several channels: two real channels travel as the real and imaginary parts of one
-    complex plane (a real kernel keeps them apart), so one complex FFT pair does the
-    work of two real ones and the slow real inverse transform is avoided.
-    """
-    batch, channels, h, w = canvas.shape
-    top, left, out_h, out_w = crop if crop is not None else (0, 0, h, w)
-    canvas, kernels = canvas.float(), kernels.float()
-    if channels == 1:
-        spectrum = torch.fft.rfft2(canvas).mul_(torch.fft.rfft2(kernels))
-        return torch.fft.irfft2(spectrum, s=(h, w))[..., top : top + out_h, left : left + out_w]
-    pairs = (channels + 1) // 2
-    packed = torch.empty((batch, pairs, h, w), dtype=torch.complex64, device=canvas.device)
-    parts = torch.view_as_real(packed)
-    parts[..., 0] = canvas[:, 0::2]
-    parts[:, : channels // 2, ..., 1] = canvas[:, 1::2]
-    parts[:, channels // 2 :, ..., 1] = 0.0  # the unpaired last channel of an odd count
-    spectrum = torch.fft.fft2(packed).mul_(torch.fft.fft2(kernels.to(packed.dtype)))
-    planes = torch.view_as_real(torch.fft.ifft2(spectrum))[:, :, top : top + out_h, left : left + out_w]
-    out = torch.empty((batch, channels, out_h, out_w), dtype=torch.float32, device=canvas.device)
-    out[:, 0::2] = planes[..., 0]
-    out[:, 1::2] = planes[:, : channels // 2, ..., 1]
+
+def unpack_pairs(planes: torch.Tensor, channels: int) -> torch.Tensor:
+    """The inverse of ``pack_pairs`` (planes may be a cropped view)."""
+    parts = torch.view_as_real(planes)
+    batch, _, height, width = planes.shape
+    out = torch.empty((batch, channels, height, width), dtype=torch.float32, device=planes.device)
+    out[:, 0::2] = parts[..., 0]
+    out[:, 1::2] = parts[:, : channels // 2, ..., 1]
     return out
+
+
+def circular_filter(canvas: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """Circular convolution of (B, 1, h, w) real canvases with per-sample (B, 1, h, w) kernels."""
+    h, w = canvas.shape[-2:]
+    spectrum = torch.fft.rfft2(canvas.float()).mul_(torch.fft.rfft2(kernels.float()))
+    return torch.fft.irfft2(spectrum, s=(h, w))
 
 
 def fft_filter(images: torch.Tensor, make_kernels, radius: int) -> torch.Tensor:
@@ -114,11 +115,12 @@ def fft_filter(images: torch.Tensor, make_kernels, radius: int) -> torch.Tensor:
 
     ``make_kernels(dy, dx)`` returns (B, 1, 2r+1, 2r+1) kernels on the offset grid.
     """
-    _, _, height, width = images.shape
+    _, channels, height, width = images.shape
     canvas_h, canvas_w = fast_len(height + 2 * radius), fast_len(width + 2 * radius)
     pad = (radius, canvas_w - width - radius, radius, canvas_h - height - radius)
     mode = "reflect" if max(pad) < min(height, width) else "replicate"
-    padded = F.pad(images, pad, mode=mode)
+    padded = F.pad(pack_pairs(images), pad, mode=mode)
     kernels = embed_kernels(make_kernels(*centred_grid(radius, images.device)), canvas_h, canvas_w)
-    return circular_filter(padded, kernels, (radius, radius, height, width)).to(images.dtype)
-
+    spectrum = torch.fft.fft2(padded).mul_(torch.fft.fft2(kernels.to(padded.dtype)))
+    planes = torch.fft.ifft2(spectrum)[..., radius : radius + height, radius : radius + width]
+    return unpack_pairs(planes, channels).to(images.dtype)
