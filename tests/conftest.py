@@ -66,3 +66,14 @@ def s3_bucket(s3_endpoint, request):
     fs, _ = filesystem(f"s3://{name}", s3_endpoint)
     fs.mkdir(name)
     return f"s3://{name}", dict(s3_endpoint)
+
+
+@pytest.fixture(scope="module")
+def s3_module_bucket(s3_endpoint, request):
+    """A bucket on the local S3 server shared by one test module; yields (bucket URL, storage options)."""
+    from perceive_ir.data.storage import filesystem
+
+    name = "m-" + request.module.__name__.lower().replace("_", "-")[:40]
+    fs, _ = filesystem(f"s3://{name}", s3_endpoint)
+    fs.mkdir(name)
+    return f"s3://{name}", dict(s3_endpoint)

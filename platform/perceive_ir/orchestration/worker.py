@@ -35,7 +35,10 @@ class RayReporter:
         if checkpoint is None:
             yield None
             return
-        with checkpoint.as_directory() as directory:
+        # A private copy per worker: ``as_directory`` shares one folder between the workers of a
+        # node, and one worker leaving it can remove files another is still reading.
+        with tempfile.TemporaryDirectory(prefix="resume-") as directory:
+            checkpoint.to_directory(directory)
             yield directory
 
     def report(self, metrics: dict[str, Any], directory: str) -> None:
