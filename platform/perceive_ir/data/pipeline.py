@@ -281,21 +281,31 @@ class ShardStream(IterableDataset):
 
 
 def _collate(samples: list[dict], skipped: int) -> dict:
-    # True division of uint8 by a float makes the float32 batch in one pass.
-    gt = torch.from_numpy(np.stack([s["gt"] for s in samples])) / 255.0
+    """Stack a batch as uint8 (a quarter of float32's bytes between processes); the
+    degraded side is sent only when some sample of the batch has one."""
+    gt = torch.from_numpy(np.stack([s["gt"] for s in samples]))
     paired = torch.tensor([s.get("lq") is not None for s in samples])
-    lq_list = [s["lq"] if s.get("lq") is not None else s["gt"] for s in samples]
-    lq = torch.from_numpy(np.stack(lq_list)) / 255.0
+    lq = None
+    if paired.any():
+        lq = torch.from_numpy(np.stack([s["lq"] if s.get("lq") is not None else s["gt"] for s in samples]))
     metas = [s["meta"] for s in samples]
     return {
         "gt": gt,
-        "lq": lq,  # equals gt where paired is False: degradations are synthesised in the step
+        "lq": lq,
         "paired": paired,
         "type": [m.get("type", "clean") for m in metas],
         "dataset": [m.get("dataset", "") for m in metas],
         "key": [s["key"] for s in samples],
         "skipped": skipped,
     }
+
+
+def _to_float(batch: dict) -> dict:
+    # True division of uint8 by a float makes the float32 tensor in one pass.
+    batch["gt"] = batch["gt"] / 255.0
+    # Clean-only samples carry lq == gt: the training step synthesises their degradation.
+    batch["lq"] = batch["gt"] if batch["lq"] is None else batch["lq"] / 255.0
+    return batch
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -326,7 +336,7 @@ class EpochLoader:
     def __iter__(self) -> Iterator[dict]:
         for i, batch in enumerate(self.loader):
             if i >= self.drop:
-                yield batch
+                yield _to_float(batch)
 
 
 def build_loader(cfg: LoaderConfig, rank: Optional[int] = None, world_size: Optional[int] = None,
