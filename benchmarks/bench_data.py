@@ -100,29 +100,33 @@ class PromptIRStyleDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float().div_(255.0)
 
 
-def _rate(loader, samples: int) -> float:
+WARMUP_BATCHES = 8  # excluded: worker start-up and the first fill of the shuffle buffer
+
+
+def _rate(loader) -> float:
+    """Steady-state samples/s."""
     it = iter(loader)
-    first = next(it)  # excluded: worker start-up
+    for _ in range(WARMUP_BATCHES):
+        next(it)
     seen, start = 0, time.perf_counter()
     for batch in it:
         seen += (batch["gt"] if isinstance(batch, dict) else batch).shape[0]
-    del first
     return seen / (time.perf_counter() - start)
 
 
 def bench_loader(images_dir: Path, shards: Path, samples: int) -> None:
     files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() == ".png")
     print(f"\n2. Training data path: batches of {BATCH} random {PATCH}x{PATCH} crops with flips, "
-          f"{samples} samples per row")
+          f"{samples} samples per row after {WARMUP_BATCHES} warm-up batches")
     print(f"   {'loader workers':<15} {'PromptIR-style/s':>17} {'shards/s':>9} {'ratio':>7}")
     for workers in (0, 2):
-        peer = DataLoader(PromptIRStyleDataset(files, samples + BATCH), batch_size=BATCH, shuffle=True,
-                          num_workers=workers)
-        peer_rate = _rate(peer, samples)
+        total = samples + WARMUP_BATCHES * BATCH
+        peer = DataLoader(PromptIRStyleDataset(files, total), batch_size=BATCH, shuffle=True, num_workers=workers)
+        peer_rate = _rate(peer)
         ours = build_loader(LoaderConfig(sources=[ShardSourceConfig(str(shards))], patch_size=PATCH,
-                                         batch_size=BATCH, samples_per_epoch=samples + BATCH,
-                                         num_workers=workers, shuffle_buffer=64))
-        our_rate = _rate(ours, samples)
+                                         batch_size=BATCH, samples_per_epoch=total, num_workers=workers,
+                                         shuffle_buffer=32))
+        our_rate = _rate(ours)
         print(f"   {workers:<15} {peer_rate:>17.1f} {our_rate:>9.1f} {our_rate / peer_rate:>6.2f}x")
 
 
