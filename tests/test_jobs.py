@@ -51,6 +51,9 @@ def env(package_photos, s3_module_bucket, tmp_path_factory):
         "data.validation.types=[gaussian_noise, haze]",
         "data.validation.images=2",
         "data.train.samples_per_epoch=24",
+        "data.train.patch_size=32",
+        "data.validation.patch_size=32",
+        "optimizer.warmup_steps=5",
     ] + FAST_RAY
     return {"root": root, "bucket": bucket, "options": options, "common": common,
             "uri": f"sqlite:///{root / 'mlflow.db'}"}

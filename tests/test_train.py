@@ -118,3 +118,22 @@ def _port() -> int:
     from conftest import _free_port
 
     return _free_port()
+
+
+def test_bad_inputs_name_what_and_where(tmp_path, s3_endpoint):
+    from perceive_ir.orchestration.config import RunStorageConfig, Stage2Config
+    from perceive_ir.orchestration.storage import StorageUnreachable, run_storage
+    from perceive_ir.train.products import resolve_product
+    from perceive_ir.train.state import load_state
+    from perceive_ir.config import load_config
+
+    with pytest.raises(StorageUnreachable, match="s3://no-such-bucket/runs.*does not exist"):
+        run_storage(RunStorageConfig(path="s3://no-such-bucket/runs", endpoint_url=s3_endpoint["endpoint_url"]))
+    with pytest.raises(FileNotFoundError, match="perceiver: folder '.*missing' \\(from 'perceiver'\\)"):
+        resolve_product(str(tmp_path / "missing"), "perceiver", "perceiver")
+    with pytest.raises(FileNotFoundError, match="has no trainer_state.json"):
+        load_state(tmp_path, rank=0, world_size=1)
+    with pytest.raises(ConfigError, match="unknown key 'loop.max_stepz'"):
+        load_config(Stage2Config, REPO / "configs/stage2_tiny.yaml", ["perceiver=x", "loop.max_stepz=3"])
+    with pytest.raises(ConfigError, match="stage 2 needs 'perceiver'"):
+        load_config(Stage2Config, REPO / "configs/stage2_tiny.yaml")
