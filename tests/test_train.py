@@ -4,7 +4,6 @@ engine (one process, gloo) with exact resume from a checkpoint."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -137,3 +136,18 @@ def test_bad_inputs_name_what_and_where(tmp_path, s3_endpoint):
         load_config(Stage2Config, REPO / "configs/stage2_tiny.yaml", ["perceiver=x", "loop.max_stepz=3"])
     with pytest.raises(ConfigError, match="stage 2 needs 'perceiver'"):
         load_config(Stage2Config, REPO / "configs/stage2_tiny.yaml")
+
+
+def test_full_profiles_validate_and_zero3_is_refused():
+    from perceive_ir.config import load_config
+    from perceive_ir.orchestration.config import Stage1Config, Stage2Config
+
+    stage1 = load_config(Stage1Config, REPO / "configs/stage1.yaml")
+    assert stage1.loop.max_steps == stage1.restorer_steps + stage1.prompt_steps
+    assert load_config(Stage1Config, REPO / "configs/stage1.yaml", ["medium_tier=runs:/x/medium_tier"]).loop.max_steps \
+        == stage1.prompt_steps
+    stage2 = load_config(Stage2Config, REPO / "configs/stage2.yaml", ["perceiver=runs:/x/perceiver"])
+    assert stage2.ray.use_gpu and stage2.engine.precision == "auto"
+    with pytest.raises(ConfigError, match="ZeRO stage 3"):
+        deepspeed_settings(EngineConfig(deepspeed_config=str(REPO / "configs/deepspeed/zero1.json"), zero_stage=3),
+                           2, 1, torch.device("cpu"))

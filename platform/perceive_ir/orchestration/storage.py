@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 from urllib.parse import urlsplit
 
 from perceive_ir.orchestration.config import RunStorageConfig
@@ -42,7 +41,3 @@ def run_storage(cfg: RunStorageConfig):
     local.mkdir(parents=True, exist_ok=True)
     return str(local), None
 
-
-def checkpoint_location(cfg: RunStorageConfig, name: str) -> Optional[str]:
-    """Where a run's folder lives (for messages)."""
-    return f"{cfg.path.rstrip('/')}/{name}"

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from perceive_ir.config import flatten, to_dict
+from perceive_ir.data.storage import redact
 from perceive_ir.orchestration.config import JobConfig, RaySettings
 from perceive_ir.orchestration.storage import run_storage
 from perceive_ir.tracking import RunTracker, find_or_create_run, version_tags
@@ -107,7 +108,7 @@ def launch(stage: str, cfg: JobConfig, working_dir: Optional[Path] = None) -> Jo
     tracker = RunTracker(tracking_uri, run_id)
     with tempfile.TemporaryDirectory() as folder:
         resolved = Path(folder) / f"{stage}_resolved.yaml"
-        resolved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        resolved.write_text(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))  # no credentials
         tracker.log_file(resolved, "config")
     log.info("%s: MLflow run %s (%s)", cfg.name, run_id, "new" if created else "continued")
     payload = {"stage": stage, "config": to_dict(cfg), "tracking_uri": tracking_uri, "run_id": run_id}

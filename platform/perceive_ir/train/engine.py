@@ -46,6 +46,9 @@ def deepspeed_settings(cfg: EngineConfig, micro_batch: int, world_size: int, dev
     settings["bf16"] = {"enabled": resolve_precision(cfg, device) == "bf16"}
     if cfg.zero_stage is not None:
         settings.setdefault("zero_optimization", {})["stage"] = cfg.zero_stage
+    if settings.get("zero_optimization", {}).get("stage", 0) == 3:
+        # the products are written from each rank's full copy of the weights (ZeRO <= 2)
+        raise ConfigError(f"ZeRO stage 3 (from '{path}' or 'engine.zero_stage') is not supported: use stage 0, 1 or 2")
     settings.setdefault("steps_per_print", 1 << 30)
     settings.setdefault("wall_clock_breakdown", False)
     return settings
