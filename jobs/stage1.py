@@ -4,7 +4,9 @@
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/stage1.py --config ...
 
 Products, logged to the job's MLflow run: ``perceiver/`` and ``medium_tier/`` (safetensors + JSON),
-which stage 2 takes as ``runs:/<run id>/perceiver`` and ``runs:/<run id>/medium_tier``.
+which stage 2 takes as ``runs:/<run id>/perceiver`` and ``runs:/<run id>/medium_tier``; with
+``tracking.register_as=NAME`` they are also registered as ``models:/NAME-perceiver/<version>`` and
+``models:/NAME-medium-tier/<version>``.
 """
 
 import sys

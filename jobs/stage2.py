@@ -4,7 +4,8 @@
         medium_tier=runs:/<id>/medium_tier
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/stage2.py --config ...
 
-The final restorer weights (``restorer/model.safetensors``) are logged to the job's MLflow run.
+The stage-1 products may also be given as registered models (``models:/NAME-perceiver/1``) or
+as local folders. The final restorer weights (``restorer/model.safetensors``) are logged to the job's MLflow run.
 """
 
 import sys

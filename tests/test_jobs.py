@@ -78,6 +78,7 @@ def stage1(env, ray_session, monkeypatch_module):
         "name=stage1-test", "restorer_steps=4", "prompt_steps=4", "loop.val_every=4", "loop.checkpoint_every=4",
         "loop.log_every=2", f"storage.path={env['bucket']}/ray", f"storage.endpoint_url={env['options']['endpoint_url']}",
         "loop.failure_injection.at_step=6", "loop.failure_injection.rank=1", f"loop.failure_injection.marker={marker}",
+        "tracking.register_as=jobs-test",
     ])
     result = launch("stage1", cfg, working_dir=REPO)
     assert marker.exists()  # the worker really died
@@ -170,7 +171,7 @@ def test_ray_job_submit_runs_stage2_on_a_local_cluster(env, stage1, ray_session,
     address = f"http://127.0.0.1:{ports['dashboard']}"
     try:
         overrides = [o for o in env["common"]] + [
-            "name=stage2-submitted", f"perceiver=runs:/{stage1.run_id}/perceiver", "loop.max_steps=2",
+            "name=stage2-submitted", "perceiver=models:/jobs-test-perceiver/1", "loop.max_steps=2",
             "loop.checkpoint_every=2", "loop.val_every=2", "loop.log_every=1", f"storage.path={tmp_path / 'ray'}"]
         submit = [ray_bin, "job", "submit", "--address", address, "--working-dir", ".", "--",
                   "python", "jobs/stage2.py", "--config", "configs/stage2_tiny.yaml", *overrides]

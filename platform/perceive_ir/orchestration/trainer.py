@@ -91,6 +91,9 @@ def build_trainer(cfg: JobConfig, payload: dict[str, Any]):
     )
 
 
+PRODUCTS = {"stage1": ("perceiver", "medium_tier"), "stage2": ("restorer",)}
+
+
 class JobResult:
     def __init__(self, run_id: str, tracking_uri: str, result: Any) -> None:
         self.run_id, self.tracking_uri, self.result = run_id, tracking_uri, result
@@ -119,5 +122,9 @@ def launch(stage: str, cfg: JobConfig, working_dir: Optional[Path] = None) -> Jo
         tracker.finish("FAILED")
         raise
     stopped_early = cfg.loop.stop_after_steps is not None and cfg.loop.stop_after_steps < cfg.loop.max_steps
+    if cfg.tracking.register_as and not stopped_early:
+        for product in PRODUCTS[stage]:
+            uri = tracker.register(product, f"{cfg.tracking.register_as}-{product.replace('_', '-')}")
+            log.info("%s registered as %s", product, uri)
     tracker.finish("KILLED" if stopped_early else "FINISHED")
     return JobResult(run_id, tracking_uri, result)

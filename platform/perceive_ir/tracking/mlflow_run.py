@@ -31,6 +31,7 @@ class TrackingConfig:
     experiment: str = "perceive-ir"
     default_db: str = "mlflow.db"
     artifact_location: Optional[str] = None  # new experiments only; None: 'mlartifacts' beside a SQLite file
+    register_as: Optional[str] = None  # register the job's products as models '<register_as>-<product>'
 
 
 def resolve_tracking_uri(cfg: TrackingConfig) -> str:
@@ -171,6 +172,19 @@ class RunTracker:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, v)
+
+    def register(self, artifact: str, model_name: str) -> str:
+        """A new version of registered model ``model_name`` from the run's ``artifact`` folder;
+        returns its ``models:/`` URI."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(model_name)
+        except MlflowException:
+            pass  # already registered: add a version
+        version = self.client.create_model_version(model_name, source=f"runs:/{self.run_id}/{artifact}",
+                                                   run_id=self.run_id)
+        return f"models:/{model_name}/{version.version}"
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
