@@ -33,7 +33,8 @@ from dataset_tools.build import BuildConfig, build_shards  # noqa: E402
 from dataset_tools.sources import SourceSpec  # noqa: E402
 from perceive_ir.data.pipeline import LoaderConfig, ShardSourceConfig, build_loader  # noqa: E402
 
-TILE, STRIDE, PATCH, BATCH = 512, 384, 256, 8
+# Sub-images of 1.5x the training patch, as sub-image extraction does for 256-pixel crops.
+TILE, STRIDE, PATCH, BATCH = 384, 256, 256, 8
 
 
 def plain_shardwriter_loop(images: list[Path], out: Path) -> int:
