@@ -140,7 +140,7 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(skipped)
         elapsed = max(time.perf_counter() - window["start"], 1e-9)
-        metrics = {f"train/{k}": v / max(window["count"], 1) for k, v in window["terms"].items()}
+        metrics = {f"train/{k}": float(v) / max(window["count"], 1) for k, v in window["terms"].items()}
         metrics.update(_lr_metrics(scheduler, task.group_names))
         metrics["samples_per_s"] = window["steps"] * samples_per_step / elapsed
         metrics["skipped_samples"] = float(skipped.item())
@@ -158,8 +158,8 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
             engine.backward(terms["total"])
             engine.step()
             state.micro_batches += 1
-            for k, v in terms.items():
-                window["terms"][k] = window["terms"].get(k, 0.0) + float(v.detach().float())
+            for k, v in terms.items():  # summed on the device: no host sync per step
+                window["terms"][k] = window["terms"].get(k, 0.0) + v.detach().float()
             window["count"] += 1
             if state.micro_batches % accumulation:
                 continue
