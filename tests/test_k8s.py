@@ -99,3 +99,13 @@ def test_no_secret_is_written_into_a_manifest():
             if SECRET_NAME.search(entry["name"]):
                 assert "value" not in entry and "secretKeyRef" in entry.get("valueFrom", {}), (
                     f"{path}: {entry['name']} must come from a Secret")
+
+
+def test_rayjob_entrypoints_name_files_of_this_repository():
+    for path, doc in documents():
+        if doc["kind"] != "RayJob":
+            continue
+        words = doc["spec"]["entrypoint"].split()
+        script = REPO / words[words.index("python") + 1]
+        config = REPO / words[words.index("--config") + 1]
+        assert script.is_file() and config.is_file(), f"{path}: {script} or {config} is missing"
