@@ -1,7 +1,9 @@
 """A fixed, seeded held-out set: the same clean crops, degraded the same way, at every validation.
 
-Clean crops come from a shard source (the first ``images`` crops of a seeded, single-rank
-stream); each validation type degrades all of them at one named level with the seeded engine.
+Clean crops come from a shard source: the ``images`` most textured of the first
+``4 * images`` crops of a seeded, single-rank stream (flat crops, such as sky, would make the
+per-image PSNR of blur or haze meaningless); each validation type degrades all of them at one
+named level with the seeded engine.
 ``evaluate`` scores input and output against the clean crops, per type.
 """
 
@@ -43,16 +45,17 @@ class HeldOutSet:
         loader = LoaderConfig(
             sources=[ShardSourceConfig(cfg.source or default_source)],
             patch_size=cfg.patch_size,
-            batch_size=cfg.images,
-            samples_per_epoch=cfg.images,
+            batch_size=4 * cfg.images,
+            samples_per_epoch=4 * cfg.images,
             num_workers=0,
-            shuffle_buffer=max(8, cfg.images),
+            shuffle_buffer=max(8, 4 * cfg.images),
             flips=False,
             seed=cfg.seed,
             storage_options=dict(storage_options or {}),
         )
-        batch = next(iter(build_loader(loader, rank=0, world_size=1)))
-        self.clean = batch["gt"]
+        candidates = next(iter(build_loader(loader, rank=0, world_size=1)))["gt"]
+        texture = candidates.mean(dim=1).flatten(1).std(dim=1)
+        self.clean = candidates[texture.argsort(descending=True, stable=True)[: cfg.images]]
         self.keys = [f"validation/{i}" for i in range(cfg.images)]
         degrader = Degrader(DegradationConfig(seed=cfg.seed))
         self.items: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
