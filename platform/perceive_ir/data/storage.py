@@ -16,7 +16,7 @@ from fsspec.core import url_to_fs
 
 # Object stores create an object only when its upload completes, so a put is atomic there.
 _ATOMIC_PUT_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"}
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
+_SECRET_WORDS = ("password", "secret", "token", "credential", "access_key", "secret_key", "api_key", "session")
 
 
 class StorageError(OSError):
@@ -106,11 +106,17 @@ def write_bytes_atomic(fs, path: str, data: bytes) -> None:
         fs.mv(path + ".partial", path)
 
 
+def is_secret_name(name: str) -> bool:
+    """Whether a setting's (last dotted) name looks like it holds a credential."""
+    leaf = name.rsplit(".", 1)[-1].lower()
+    return leaf in ("key", "aws_access_key_id") or any(word in leaf for word in _SECRET_WORDS)
+
+
 def redact(options: Mapping[str, Any] | None) -> dict[str, Any]:
     """Storage options without anything that looks like a credential (for logs and manifests)."""
     clean: dict[str, Any] = {}
     for k, v in (options or {}).items():
-        if any(word in k.lower() for word in _SECRET_WORDS):
+        if is_secret_name(str(k)):
             continue
         clean[k] = redact(v) if isinstance(v, Mapping) else v
     return clean

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 from urllib.parse import urlsplit, urlunsplit
 
+from perceive_ir.data.storage import is_secret_name
+
 __all__ = ["TrackingConfig", "resolve_tracking_uri", "find_or_create_run", "RunTracker", "redact_params",
            "version_tags", "RUN_NAME_TAG", "safe_uri"]
 
 RUN_NAME_TAG = "perceive_ir.run_name"
-_SECRET_WORDS = ("password", "secret", "token", "credential", "access_key", "secret_key", "api_key", "session")
 
 
 @dataclass
@@ -56,16 +57,11 @@ def safe_uri(uri: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
-def _is_secret(key: str) -> bool:
-    leaf = key.rsplit(".", 1)[-1].lower()
-    return any(word in leaf for word in _SECRET_WORDS) or leaf in ("key", "aws_access_key_id")
-
-
 def redact_params(flat: Mapping[str, Any]) -> dict[str, str]:
     """Flattened config -> MLflow params: secrets dropped, URLs without credentials, long values cut."""
     params: dict[str, str] = {}
     for key, value in flat.items():
-        if _is_secret(key):
+        if is_secret_name(key):
             continue
         text = str(value)
         if re.match(r"^[a-z][a-z0-9+.-]*://", text):
