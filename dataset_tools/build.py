@@ -264,7 +264,7 @@ def _state_name(prefix: str, index: int) -> str:
     return f"{STATE_DIR}/{prefix}-{index:06d}.json"
 
 
-def _load_progress(out_fs, out_root: str, cfg: BuildConfig, digest: str) -> _Progress:
+def _load_progress(out_fs, out_root: str, cfg: BuildConfig, digest: str, inputs: str) -> _Progress:
     progress = _Progress()
     index = 0
     while True:
@@ -277,6 +277,11 @@ def _load_progress(out_fs, out_root: str, cfg: BuildConfig, digest: str) -> _Pro
                 f"'{cfg.output}' holds an unfinished build made with other arguments; "
                 "rerun with the same arguments to resume it, or pass overwrite=true to start over"
             )
+        if state.get("inputs_digest") != inputs:
+            raise RuntimeError(
+                f"'{cfg.output}' holds an unfinished build of other input files (files were added, "
+                "removed or renamed since); pass overwrite=true to start over"
+            )
         progress.shards.append(ShardEntry(**state["shard"]))
         progress.skipped.extend(SkippedEntry(**s) for s in state["skipped"])
         for k, v in state["counts"].items():
@@ -288,6 +293,11 @@ def _load_progress(out_fs, out_root: str, cfg: BuildConfig, digest: str) -> _Pro
 
 def _args_digest(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _inputs_digest(items: list[Item]) -> str:
+    """The input list in build order: a resume is exact only over the same files."""
+    return hashlib.sha256("\n".join(i.source for i in items).encode()).hexdigest()
 
 
 def _clear_output(out_fs, out_root: str, prefix: str) -> None:
@@ -346,7 +356,8 @@ def build_shards(cfg: BuildConfig) -> Manifest:
     items, pairing_skips = collect_items(cfg)
     if not items:
         raise RuntimeError(f"no images found in the sources of '{cfg.output}'")
-    progress = _load_progress(out_fs, out_root, cfg, digest)
+    inputs = _inputs_digest(items)
+    progress = _load_progress(out_fs, out_root, cfg, digest, inputs)
     resumed_from = progress.next_item
     out_fs.makedirs(f"{out_root}/{STATE_DIR}", exist_ok=True)
 
@@ -366,6 +377,7 @@ def build_shards(cfg: BuildConfig) -> Manifest:
             entry = ShardEntry(name, writer.count, size, sha)
             state = {
                 "args_digest": digest,
+                "inputs_digest": inputs,
                 "shard": entry.__dict__,
                 "skipped": [s.__dict__ for s in pending_skips],
                 "counts": pending_counts,

@@ -228,6 +228,22 @@ def test_kill_and_rerun_gives_exactly_the_uninterrupted_samples(package_photos, 
     assert not list(out.glob("*.partial")) and not (out / ".build-state").exists()
 
 
+@pytest.mark.slow
+def test_resume_refuses_a_changed_input_set(package_photos, tmp_path):
+    photos = small_photos(package_photos, tmp_path / "photos", n=8, size=200)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_build_cmd(photos, out), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and len(list(out.glob("*.tar"))) < 10:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    Image.open(sorted(photos.iterdir())[0]).save(photos / "added_later.png")
+    rerun = subprocess.run(_build_cmd(photos, out), cwd=REPO, capture_output=True, text=True)
+    assert rerun.returncode == 2 and "other input files" in rerun.stderr
+
+
 def test_verify_catches_a_modified_shard(package_photos, tmp_path, capsys):
     photos = small_photos(package_photos, tmp_path / "photos", n=4)
     build_shards(config(tmp_path / "out", [SourceSpec("pkg", str(photos))], max_samples_per_shard=2))
