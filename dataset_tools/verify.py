@@ -11,11 +11,9 @@ from typing import Any, Mapping
 
 from tqdm import tqdm
 
-from perceive_ir.data.images import ImageDecodeError, decode_rgb8
+from perceive_ir.data.images import SHARD_IMAGE_SUFFIXES, ImageDecodeError, decode_rgb8
 from perceive_ir.data.manifest import read_manifest, shard_urls
 from perceive_ir.data.storage import StorageError, open_url
-
-IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "webp")
 
 
 @dataclass
@@ -49,7 +47,7 @@ def _check_shard(url: str, expected, decode: bool, options) -> tuple[int, list[s
                 folder, _, base = member.name.rpartition("/")
                 stem, _, suffix = base.partition(".")  # WebDataset: the key ends at the first dot
                 keys.add(f"{folder}/{stem}")
-                if decode and suffix.rsplit(".", 1)[-1] in IMAGE_SUFFIXES:
+                if decode and suffix.rsplit(".", 1)[-1] in SHARD_IMAGE_SUFFIXES:
                     try:
                         decode_rgb8(tar.extractfile(member).read(), member.name)
                     except ImageDecodeError as err:

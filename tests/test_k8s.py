@@ -46,7 +46,7 @@ def _closed(schema: dict) -> dict:
 def crd_schema(kind: str) -> dict:
     path = CRDS / f"ray.io_{kind.lower()}s.yaml"
     if not path.is_file():
-        pytest.skip(f"KubeRay CRDs not found at ../shared/schemas/kuberay (CI always has them)")
+        pytest.skip("KubeRay CRDs not found at ../shared/schemas/kuberay (CI always has them)")
     crd = yaml.safe_load(path.read_text())
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     return _closed(version["schema"]["openAPIV3Schema"])

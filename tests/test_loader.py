@@ -17,7 +17,7 @@ from PIL import Image
 from dataset_tools.build import BuildConfig, build_shards
 from dataset_tools.sources import SourceSpec
 from perceive_ir.config import ConfigError, from_dict
-from perceive_ir.data.pipeline import LoaderConfig, ShardSourceConfig, ShardStream, build_loader
+from perceive_ir.data.pipeline import LoaderConfig, ShardSourceConfig, build_loader
 
 
 def make_inverted_pairs(photos: Path, dest: Path, n: int = 6, size: int = 96) -> Path:

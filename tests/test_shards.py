@@ -3,7 +3,6 @@ de-duplication, tiling, byte bounds, kill-and-rerun equality, and verify."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -25,7 +24,6 @@ from dataset_tools.sources import SourceSpec
 from dataset_tools.verify import verify
 from perceive_ir.config import from_dict
 from perceive_ir.data.images import decode_rgb8
-from perceive_ir.data.manifest import read_manifest
 
 
 def read_samples(folder: Path) -> dict[str, dict[str, bytes]]:

@@ -22,6 +22,8 @@ from PIL import Image
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Formats the training loader decodes directly (torchvision); others are re-encoded as PNG.
 LOADER_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
+# Extensions of image members inside shards (``gt.png``, ``lq.jpg``...).
+SHARD_IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "webp")
 
 Image.MAX_IMAGE_PIXELS = 1 << 30  # large photos are legitimate; decompression bombs are far beyond
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
-from .storage import StorageError, filesystem, join, open_url, parent
+from .storage import StorageError, join, open_url, parent
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -87,7 +87,3 @@ def shard_urls(location: str, manifest: Manifest) -> list[str]:
     folder = parent(manifest_url(location))
     return [join(folder, s.name) for s in manifest.shards]
 
-
-def exists(location: str, storage_options: Mapping[str, Any] | None = None) -> bool:
-    fs, path = filesystem(manifest_url(location), storage_options)
-    return fs.exists(path)

@@ -29,12 +29,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from .images import SHARD_IMAGE_SUFFIXES
 from .manifest import read_manifest, shard_urls
 from .storage import StorageError, open_url
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "webp")
 
 
 @dataclass
@@ -120,7 +119,7 @@ def _image_fields(sample: dict) -> tuple[Optional[bytes], Optional[bytes]]:
     gt = lq = None
     for suffix, value in sample.items():
         role, _, ext = suffix.partition(".")
-        if ext in IMAGE_SUFFIXES:
+        if ext in SHARD_IMAGE_SUFFIXES:
             if role == "gt":
                 gt = value
             elif role == "lq":
