@@ -157,8 +157,11 @@ def test_ray_job_submit_runs_stage2_on_a_local_cluster(env, stage1, ray_session,
 
     ray.shutdown()  # the in-process Ray of the other tests; the job gets its own cluster
     ports = {name: _free_port() for name in ("port", "dashboard", "client", "agent", "metrics", "runtime_env", "agent_grpc")}
-    shell_env = dict(os.environ, RAY_AUTH_MODE="token", HF_HUB_OFFLINE="1")
-    ray_bin = str(Path(sys.executable).parent / "ray")
+    # As a user with the environment activated: `python` in the job's entrypoint is this venv's.
+    venv_bin = str(Path(sys.executable).parent)
+    shell_env = dict(os.environ, RAY_AUTH_MODE="token", HF_HUB_OFFLINE="1",
+                     PATH=venv_bin + os.pathsep + os.environ.get("PATH", ""))
+    ray_bin = str(Path(venv_bin) / "ray")
     temp_dir = tempfile.mkdtemp(prefix="rayjob")
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={ports['port']}",
