@@ -13,13 +13,18 @@ from perceive_ir.data.pipeline import LoaderConfig, ShardSourceConfig, build_loa
 from perceive_ir.data.storage import StorageError, filesystem
 
 
+def upload_photos(photos, bucket: str, options: dict, count: int):
+    """Put the first ``count`` package photos under ``bucket/photos``; return the bucket's fs."""
+    fs, _ = filesystem(bucket, options)
+    for photo in sorted(photos.iterdir())[:count]:
+        fs.put_file(str(photo), f"{bucket}/photos/{photo.name}")
+    return fs
+
+
 @pytest.mark.slow
 def test_build_verify_and_stream_through_s3(package_photos, s3_bucket):
     bucket, options = s3_bucket
-    fs, _ = filesystem(bucket, options)
-    # Sources on S3 too: upload the photos, then build from s3:// to s3://.
-    for photo in sorted(package_photos.iterdir())[:5]:
-        fs.put_file(str(photo), f"{bucket}/photos/{photo.name}")
+    fs = upload_photos(package_photos, bucket, options, 5)  # sources on S3 too: s3:// to s3://
     cfg = BuildConfig(output=f"{bucket}/shards", sources=[SourceSpec("pkg", f"{bucket}/photos", storage_options=options)],
                       max_side=160, max_samples_per_shard=2, workers=2, progress=False, storage_options=options)
     manifest = build_shards(cfg)
@@ -49,9 +54,7 @@ def test_plain_webdataset_reads_s3_through_the_registered_opener(package_photos,
     from perceive_ir.data.storage import register_webdataset_opener
 
     bucket, options = s3_bucket
-    fs, _ = filesystem(bucket, options)
-    for photo in sorted(package_photos.iterdir())[:3]:
-        fs.put_file(str(photo), f"{bucket}/photos/{photo.name}")
+    upload_photos(package_photos, bucket, options, 3)
     build_shards(BuildConfig(output=f"{bucket}/shards", sources=[SourceSpec("pkg", f"{bucket}/photos", storage_options=options)],
                              max_samples_per_shard=2, progress=False, storage_options=options))
     register_webdataset_opener(options)
