@@ -114,6 +114,17 @@ def test_stage1_survives_a_killed_worker_and_hands_products_through_mlflow(env, 
     assert any(name.startswith("zero_pp_rank_1") for name in files)  # both ranks' DeepSpeed shards merged
 
 
+def test_workers_of_the_local_ray_run_at_normal_priority(stage1):
+    """Ray nices its workers to 15 by default; the job's local Ray starts them at the configured 0."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert ray.get(niceness.remote()) == 0
+
+
 def test_stage2_stopped_then_relaunched_continues_in_the_same_run(env, stage1, ray_session, monkeypatch_module):
     from mlflow.tracking import MlflowClient
 

@@ -44,6 +44,10 @@ def test_deepspeed_settings_fill_batch_precision_and_name_a_missing_file(tmp_pat
     settings = deepspeed_settings(cfg, micro_batch=4, world_size=2, device=torch.device("cpu"))
     assert settings["train_batch_size"] == 24 and settings["gradient_clipping"] == 0.5
     assert settings["bf16"] == {"enabled": False} and settings["zero_optimization"]["stage"] == 2
+    alone = deepspeed_settings(cfg, micro_batch=4, world_size=1, device=torch.device("cpu"))
+    assert alone["zero_optimization"]["stage"] == 0  # one fp32 rank: nothing to partition
+    bf16 = EngineConfig(deepspeed_config=cfg.deepspeed_config, precision="bf16")
+    assert deepspeed_settings(bf16, 4, 1, torch.device("cpu"))["zero_optimization"]["stage"] == 2
     with pytest.raises(ConfigError, match="engine.deepspeed_config.*does not exist"):
         deepspeed_settings(EngineConfig(deepspeed_config=str(tmp_path / "nope.json")), 4, 1, torch.device("cpu"))
 

@@ -24,10 +24,15 @@ class RaySettings:
     resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     health_check_interval_s: Optional[float] = None  # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S for small runs
     local_cpus: Optional[int] = None  # CPUs of a new local Ray (None: all)
+    # Niceness of the workers of a new local Ray. Ray's own default, 15, hands the CPU to any other
+    # process on the machine, and with synchronous data parallelism one delayed rank stalls them all.
+    local_worker_niceness: int = 0
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ValueError("num_workers must be >= 1")
+        if not 0 <= self.local_worker_niceness <= 19:
+            raise ValueError(f"local_worker_niceness must be 0..19, got {self.local_worker_niceness}")
 
 
 @dataclass

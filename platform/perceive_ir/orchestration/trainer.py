@@ -64,6 +64,9 @@ def connect(settings: RaySettings, working_dir: Optional[Path]) -> None:
         kwargs["address"] = settings.address
     elif not in_job and settings.local_cpus:
         kwargs["num_cpus"] = settings.local_cpus
+    if not settings.address and job_env is None:
+        # Read by a raylet this process starts; ignored when ray.init joins a running cluster.
+        os.environ.setdefault("RAY_worker_niceness", str(settings.local_worker_niceness))
     ray.init(**kwargs)
 
 

@@ -1,10 +1,11 @@
 """The DeepSpeed engine of a worker: settings from a JSON file under configs/deepspeed/, filled in
-from the job (batch sizes, accumulation, clipping, precision), a torch AdamW optimiser (nothing
-to compile) and the warm-up + cosine schedule. Checkpoints are read back without executing code."""
+from the job (batch sizes, accumulation, clipping, precision), torch's fused AdamW (nothing to
+compile) and the warm-up + cosine schedule. Checkpoints are read back without executing code."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -15,7 +16,10 @@ from perceive_ir.config import ConfigError
 from perceive_ir.train.config import EngineConfig, OptimizerConfig
 from perceive_ir.train.schedule import build_scheduler
 
-__all__ = ["resolve_precision", "deepspeed_settings", "build_engine", "init_distributed", "SafeCheckpointEngine"]
+log = logging.getLogger(__name__)
+
+__all__ = ["resolve_precision", "deepspeed_settings", "build_engine", "init_distributed", "SafeCheckpointEngine",
+           "make_optimizer"]
 
 
 def resolve_precision(cfg: EngineConfig, device: torch.device) -> str:
@@ -43,12 +47,20 @@ def deepspeed_settings(cfg: EngineConfig, micro_batch: int, world_size: int, dev
         gradient_clipping=cfg.gradient_clipping,
     )
     settings.pop("fp16", None)
-    settings["bf16"] = {"enabled": resolve_precision(cfg, device) == "bf16"}
+    bf16 = resolve_precision(cfg, device) == "bf16"
+    settings["bf16"] = {"enabled": bf16}
+    zero = settings.setdefault("zero_optimization", {})
     if cfg.zero_stage is not None:
-        settings.setdefault("zero_optimization", {})["stage"] = cfg.zero_stage
-    if settings.get("zero_optimization", {}).get("stage", 0) == 3:
+        zero["stage"] = cfg.zero_stage
+    if zero.get("stage", 0) == 3:
         # the products are written from each rank's full copy of the weights (ZeRO <= 2)
         raise ConfigError(f"ZeRO stage 3 (from '{path}' or 'engine.zero_stage') is not supported: use stage 0, 1 or 2")
+    if world_size == 1 and not bf16 and zero.get("stage", 0) > 0:
+        # One rank has nothing to partition, and ZeRO's per-parameter gradient bookkeeping costs
+        # several percent of a small model's step. (In bf16, stage 0 would accumulate gradients in
+        # bf16, so it keeps its stage.) Checkpoints are only resumed with the same world size.
+        log.info("one worker in fp32: ZeRO stage %d -> 0 (nothing to partition)", zero["stage"])
+        zero["stage"] = 0
     settings.setdefault("steps_per_print", 1 << 30)
     settings.setdefault("wall_clock_breakdown", False)
     return settings
@@ -95,6 +107,15 @@ class SafeCheckpointEngine:
         inner.load = load
 
 
+def make_optimizer(param_groups: list[dict], optim: OptimizerConfig) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel where every parameter allows it (CPU and CUDA floating point):
+    one pass over each tensor instead of a dozen, several times faster than the default loop on the CPU."""
+    params = [p for group in param_groups for p in group["params"]]
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(param_groups, lr=optim.lr, betas=tuple(optim.betas),
+                             weight_decay=optim.weight_decay, fused=fused or None)
+
+
 def build_engine(
     model: torch.nn.Module,
     param_groups: list[dict],
@@ -105,7 +126,7 @@ def build_engine(
     """``(engine, scheduler)``: ``engine.step()`` also advances the schedule."""
     import deepspeed
 
-    optimizer = torch.optim.AdamW(param_groups, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    optimizer = make_optimizer(param_groups, optim)
     scheduler = build_scheduler(optimizer, factors)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=settings, dist_init_required=False
