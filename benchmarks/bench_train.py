@@ -243,7 +243,8 @@ def cpu_mode(args) -> None:
     ceiling = median(2 * b / p for b, p in zip(two["bare"], two["bare_pair"]))
     ms = lambda times: f"{median(times) * 1e3:.1f}"  # noqa: E731
     print(f"\nstage-2 step, tiny model, batch {args.batch} x {args.patch} x {args.patch} per worker, 1 thread per "
-          f"process; {args.windows} windows of {args.steps} steps, taking turns")
+          f"process; {args.windows} windows of {args.steps} steps, taking turns; configs/deepspeed/zero1.json "
+          f"(a single fp32 worker runs it as stage 0)")
     print(f"{'median step ms':<34} {'Ray + DeepSpeed':>16} {'1 bare loop':>12} {'2 bare loops':>13}")
     print(f"{'1 worker windows':<34} {ms(one['ray']):>16} {ms(one['bare']):>12} {'':>13}")
     print(f"{'2 worker windows':<34} {ms(two['ray']):>16} {ms(two['bare']):>12} {ms(two['bare_pair']):>13}")
