@@ -19,7 +19,7 @@ from perceive_ir.eval.validation import ValidationConfig
 from perceive_ir.losses import LossConfig
 from perceive_ir.models import PerceiverConfig, RestorerConfig
 from perceive_ir.train.config import EngineConfig, LoopConfig, OptimizerConfig
-from perceive_ir.train.engine import deepspeed_settings, init_distributed
+from perceive_ir.train.engine import deepspeed_settings, init_distributed, make_optimizer
 from perceive_ir.train.loop import LocalReporter, TrainingSettings, run_training
 from perceive_ir.train.products import ensure_clip_weights, load_perceiver, medium_tier_generator
 from perceive_ir.train.schedule import phase_factor, warmup_cosine
@@ -50,6 +50,21 @@ def test_deepspeed_settings_fill_batch_precision_and_name_a_missing_file(tmp_pat
     assert deepspeed_settings(bf16, 4, 1, torch.device("cpu"))["zero_optimization"]["stage"] == 2
     with pytest.raises(ConfigError, match="engine.deepspeed_config.*does not exist"):
         deepspeed_settings(EngineConfig(deepspeed_config=str(tmp_path / "nope.json")), 4, 1, torch.device("cpu"))
+
+
+def test_optimizer_is_fused_adamw_and_matches_the_default_one():
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+    copies = [w.detach().clone().requires_grad_() for w in weights]
+    fused = make_optimizer([{"params": weights}], OptimizerConfig(lr=1e-2))
+    plain = torch.optim.AdamW([{"params": copies}], lr=1e-2, weight_decay=OptimizerConfig().weight_decay)
+    assert fused.defaults["fused"] is True
+    for _ in range(3):
+        for params, optimizer in ((weights, fused), (copies, plain)):
+            optimizer.zero_grad()
+            sum((p ** 2).sum() for p in params).backward()
+            optimizer.step()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(weights, copies))
 
 
 @pytest.fixture(scope="module")
