@@ -107,12 +107,15 @@ class Baton:
     ``<who>-go-<n>``, runs its n-th window of steps and writes its median step time into
     ``<who>-done-<n>``; the driver starts participants and waits for them."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.turns = folder, {}
+    def __init__(self, folder: Path, alive: dict | None = None) -> None:
+        self.folder, self.turns, self.alive = folder, {}, alive or {}
 
-    @staticmethod
-    def wait_for(path: Path) -> None:
+    def wait_for(self, path: Path, who: str | None = None) -> None:
+        """Wait for a file; fail, instead of hanging, once ``who`` has stopped without writing it."""
+        alive = self.alive.get(who, lambda: True)
         while not path.exists():
+            if not alive() and not path.exists():
+                raise RuntimeError(f"benchmark participant '{who}' stopped before writing '{path.name}': see the log above")
             time.sleep(0.01)
 
     def take(self, who: str, turn: int) -> None:
@@ -129,7 +132,7 @@ class Baton:
             (self.folder / f"{w}-go-{turn}").touch()
         medians = []
         for w, turn in zip(who, turns):
-            self.wait_for(self.folder / f"{w}-done-{turn}")
+            self.wait_for(self.folder / f"{w}-done-{turn}", w)
             medians.append(float((self.folder / f"{w}-done-{turn}").read_text()))
             self.turns[w] = turn + 1
         return medians
@@ -198,22 +201,25 @@ def interleaved(workers: int, args) -> dict[str, list[float]]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    baton = Baton(Path(tempfile.mkdtemp(prefix="bench-baton-")))
+    folder = Path(tempfile.mkdtemp(prefix="bench-baton-"))
     config = {"steps": args.steps, "windows": args.windows, "batch": args.batch, "patch": args.patch,
-              "baton": str(baton.folder)}
+              "baton": str(folder)}
     spawn = multiprocessing.get_context("spawn")
     bare_names = ["a", "b"][:workers]
     turns_of = {"a": args.windows + 1 + (args.windows + 1 if workers == 2 else 0), "b": args.windows + 1}
-    bares = [spawn.Process(target=bare_process, args=(config, who, turns_of[who])) for who in bare_names]
+    bares = [spawn.Process(target=bare_process, args=(config, who, turns_of[who]), daemon=True) for who in bare_names]
     for process in bares:
         process.start()
     trainer = TorchTrainer(ray_worker, train_loop_config=config,
                            scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
                            run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="bench-ray-")))
-    fit = threading.Thread(target=trainer.fit)
+    fit = threading.Thread(target=trainer.fit, daemon=True)
     fit.start()
-    for name in bare_names + [f"ray{rank}" for rank in range(workers)]:
-        Baton.wait_for(baton.folder / f"ready-{name}")
+    baton = Baton(folder, alive={"ray": fit.is_alive, **{w: p.is_alive for w, p in zip(bare_names, bares)}})
+    for name in bare_names:
+        baton.wait_for(folder / f"ready-{name}", name)
+    for rank in range(workers):
+        baton.wait_for(folder / f"ready-ray{rank}", "ray")
     wait_until_quiet()  # Ray refills its pool of idle worker processes after starting the group
     figures: dict[str, list[float]] = {"ray": [], "bare": [], "bare_pair": []}
     for window in range(args.windows + 1):  # window 0 warms up
