@@ -206,7 +206,7 @@ def interleaved(workers: int, args) -> dict[str, list[float]]:
               "baton": str(folder)}
     spawn = multiprocessing.get_context("spawn")
     bare_names = ["a", "b"][:workers]
-    turns_of = {"a": args.windows + 1 + (args.windows + 1 if workers == 2 else 0), "b": args.windows + 1}
+    turns_of = {"a": (args.windows + 1) * workers, "b": args.windows + 1}  # "a" also runs beside "b"
     bares = [spawn.Process(target=bare_process, args=(config, who, turns_of[who]), daemon=True) for who in bare_names]
     for process in bares:
         process.start()

@@ -74,12 +74,14 @@ def _git_commit() -> str:
     commit = os.environ.get("PERCEIVE_IR_GIT_COMMIT")
     if commit:
         return commit
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent)
+
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
+        out = git("rev-parse", "HEAD")
         if out.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                   text=True, timeout=10, cwd=Path(__file__).resolve().parent).stdout.strip()
+            dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
             return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
@@ -164,10 +166,6 @@ class RunTracker:
 
     def log_folder(self, path: str | Path, artifact_path: str) -> None:
         self.client.log_artifacts(self.run_id, str(path), artifact_path)
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, v)
 
     def register(self, artifact: str, model_name: str) -> str:
         """A new version of registered model ``model_name`` from the run's ``artifact`` folder;
