@@ -78,7 +78,9 @@ class QualityPerceiver(nn.Module):
         )
         self.register_buffer("mean", torch.tensor(identity.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(identity.std).view(1, 3, 1, 1), persistent=False)
-        self._frozen_text: torch.Tensor | None = None
+        # Stage 2's cached text features: a non-persistent buffer, so that it follows ``.to(device)``
+        # and dtype casts made after freezing, and stays out of saved state dicts.
+        self.register_buffer("frozen_text", None, persistent=False)
 
     # -- frozen CLIP stays in eval mode whatever the caller does
     def train(self, mode: bool = True) -> "QualityPerceiver":
@@ -90,7 +92,7 @@ class QualityPerceiver(nn.Module):
         """Stage 2: prompts fixed, text features computed once and cached."""
         self.prompts.requires_grad_(False)
         with torch.no_grad():
-            self._frozen_text = self.prompts(self.clip)
+            self.frozen_text = self.prompts(self.clip)
         return self
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
@@ -111,8 +113,8 @@ class QualityPerceiver(nn.Module):
         return F.normalize(self.clip.encode_image(self.preprocess(images)), dim=-1)
 
     def text_features(self) -> torch.Tensor:
-        if self._frozen_text is not None and not self.prompts.context.requires_grad:
-            return self._frozen_text
+        if self.frozen_text is not None and not self.prompts.context.requires_grad:
+            return self.frozen_text
         return self.prompts(self.clip)
 
     def logits(self, images: torch.Tensor, use_logit_scale: bool = True) -> torch.Tensor:
