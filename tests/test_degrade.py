@@ -329,6 +329,7 @@ CUDA_FFT_ATOL = 1e-4  # float32 FFTs (pocketfft/MKL vs cuFFT) on 288-point trans
 CUDA_CODEC_PSNR_DB = 40.0  # nvJPEG vs libjpeg, and any chain that contains JPEG
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cpu_and_cuda_agree_within_the_documented_tolerance():
     clean = package_photos(96)

@@ -37,6 +37,9 @@ from perceive_ir.train.steps import DegradedBatch
 
 REPO = Path(__file__).resolve().parents[1]
 META = torch.device("meta")
+# meta always; a real GPU where there is one (benchmarks/gpu_check.sh runs the ``cuda`` marker).
+DEVICES = [pytest.param(META, id="meta")] + [
+    pytest.param(torch.device("cuda"), id="cuda", marks=pytest.mark.cuda) for _ in range(torch.cuda.is_available())]
 BATCH, SIZE = 2, 32
 KEYS = ["scene-a", "scene-b"]
 
@@ -67,7 +70,7 @@ class ForeignTensorRecorder(TorchFunctionMode):
 
 @contextlib.contextmanager
 def meta_forward(device: torch.device):
-    """Run code on ``device`` with nonzero's meta fallback on; yields the recorder."""
+    """Record foreign tensors while code runs on ``device`` (with nonzero's meta fallback on)."""
     import torch.fx.experimental._config as fx_config
 
     recorder = ForeignTensorRecorder(device)
@@ -92,7 +95,7 @@ def stray_tensors(model: torch.nn.Module, device: torch.device) -> list[str]:
 
 
 def degraded_batch(device: torch.device) -> DegradedBatch:
-    images = torch.empty(BATCH, 3, SIZE, SIZE, device=device)
+    images = torch.rand(BATCH, 3, SIZE, SIZE, device=device)
     types = torch.tensor([0, 3], device=device)
     return DegradedBatch(images, images, ["gaussian_noise", "haze"], types, list(KEYS))
 
@@ -185,14 +188,15 @@ CASES: dict[str, tuple[Callable, Callable]] = {
 }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(CASES))
-def test_every_tensor_follows_the_model_to_its_device(case, stage1_products):
+def test_every_tensor_follows_the_model_to_its_device(case, device, stage1_products):
     build, run = CASES[case]
     task = build(stage1_products)
-    task.model.to(META)  # as the training loop moves it
-    assert stray_tensors(task.model, META) == []
-    with meta_forward(META) as recorder:
-        run(task, META)
+    task.model.to(device)  # as the training loop moves it
+    assert stray_tensors(task.model, device) == []
+    with meta_forward(device) as recorder:
+        run(task, device)
     assert recorder.foreign == [], f"{case}: tensors left behind: {recorder.foreign[:10]}"
 
 
