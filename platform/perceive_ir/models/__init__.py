@@ -1,6 +1,7 @@
 """Models: the quality perceiver, restorer backbones, the Perceive-IR conditioning, the medium tier."""
 
 from perceive_ir.models.conditioning import ConditionedRestorer, ConditioningConfig, Prior
+from perceive_ir.models.etb import ETBRestorer
 from perceive_ir.models.medium_tier import MediumTierGenerator, fold_of
 from perceive_ir.models.nafnet import NAFNet, NAFNetConfig
 from perceive_ir.models.perceiver import TIERS, PerceiverConfig, PerceiverIdentityError, QualityPerceiver
@@ -15,6 +16,7 @@ __all__ = [
     "TIERS",
     "ConditionedRestorer",
     "ConditioningConfig",
+    "ETBRestorer",
     "MediumTierGenerator",
     "NAFNet",
     "NAFNetConfig",

@@ -16,6 +16,7 @@ from torch import nn
 
 from perceive_ir.registry import ComponentSpec, Registry
 from perceive_ir.models.conditioning import ConditionedRestorer, ConditioningConfig
+from perceive_ir.models.etb import ETBRestorer
 from perceive_ir.models.nafnet import NAFNet, NAFNetConfig
 from perceive_ir.models.restormer import Restormer, RestormerConfig
 
@@ -43,6 +44,11 @@ def _no_conditioning(backbone: nn.Module) -> nn.Module:
 @CONDITIONING.register("perceive_ir", ConditioningConfig)
 def _perceive_ir(cfg: ConditioningConfig, backbone: nn.Module) -> nn.Module:
     return ConditionedRestorer(backbone, cfg)
+
+
+@CONDITIONING.register("perceive_ir_etb", ConditioningConfig)
+def _perceive_ir_etb(cfg: ConditioningConfig, backbone: nn.Module) -> nn.Module:
+    return ETBRestorer(backbone, cfg)
 
 
 def _spec(value: ComponentSpec | dict | str) -> ComponentSpec:
