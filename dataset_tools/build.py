@@ -169,6 +169,9 @@ def process_item(item: Item, cfg: dict) -> ItemResult:
     if min(h, w) < cfg["min_size"]:
         return ItemResult([], skip_reason=f"smaller than min_size {cfg['min_size']}: {h}x{w}")
     image_hash = images.pixel_hash(*(decoded[r][0] for r in sorted(decoded)))
+    # The clean image's identity, shared by all its degraded versions and tiles: the medium tier's
+    # folds hang on it. Decoded pixels, so renaming or lossless re-encoding does not change it.
+    clean_hash = images.pixel_hash(decoded["gt"][0]) if "lq" in decoded else image_hash
 
     resized = {r: _resize_max_side(v[0], cfg["max_side"]) for r, v in decoded.items()}
     h, w = resized["gt"].shape[:2]
@@ -201,6 +204,7 @@ def process_item(item: Item, cfg: dict) -> ItemResult:
             "size": [ch, cw],
             "sha256": images.pixel_hash(*(crops[r] for r in sorted(crops))),
             "image_sha256": image_hash,
+            "clean_sha256": clean_hash,
             "tile": None if single else [y, x],
         }
         files["json"] = json.dumps(meta, sort_keys=True).encode()

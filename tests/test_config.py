@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 import pytest
@@ -63,3 +64,44 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(Job, tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(Job, write(tmp_path, "name: [unclosed\n"))
+
+
+# Every job profile in configs/, with the config class that loads it and the overrides a run supplies.
+REPO = Path(__file__).resolve().parents[1]
+STAGE2_PRODUCTS = ["perceiver=runs:/x/perceiver", "medium_tier=runs:/x/medium_tier"]
+
+
+def _profile_loader(name: str):
+    from jobs.pipeline import PipelineConfig
+    from perceive_ir.orchestration.config import Stage1Config, Stage2Config
+
+    if name.startswith("stage1"):
+        return Stage1Config, []
+    if name.startswith("stage2"):
+        return Stage2Config, STAGE2_PRODUCTS
+    if name.startswith("pipeline"):
+        return PipelineConfig, []
+    raise AssertionError(f"configs/{name}: a new profile; add its config class to _profile_loader")
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_profile_loads(name):
+    cls, overrides = _profile_loader(name)
+    assert isinstance(load_config(cls, REPO / "configs" / name, overrides), cls)
+
+
+def test_five_task_profiles_add_blur_and_low_light_to_the_three_task_ones():
+    from perceive_ir.orchestration.config import Stage1Config, Stage2Config
+
+    for stage, cls, overrides in (("stage1", Stage1Config, []), ("stage2", Stage2Config, STAGE2_PRODUCTS)):
+        three = load_config(cls, REPO / f"configs/{stage}.yaml", overrides)
+        five = load_config(cls, REPO / f"configs/{stage}_five_task.yaml", overrides)
+        added = five.data.train.sources[len(three.data.train.sources):]
+        assert five.data.train.sources[: len(three.data.train.sources)] == three.data.train.sources
+        assert [(s.name, s.weight) for s in added] == [("gopro", 5.0), ("lol_v1", 200.0)]
+        assert three.data.train.weighting == five.data.train.weighting == "replicate"
+        assert {"motion_blur", "low_light"} <= set(five.data.validation.types)
+        assert set(three.data.validation.types) < set(five.data.validation.types)
+        if stage == "stage2":
+            assert five.loss == three.loss  # the five-task recipe differs in its data only
+        assert five.name != three.name and five.tracking.register_as != three.tracking.register_as

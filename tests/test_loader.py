@@ -122,11 +122,11 @@ def test_a_source_with_nothing_usable_fails_clearly(paired_shards, tmp_path):
         next(iter(build_loader(cfg)))
 
 
-def test_weighted_mixture_follows_the_weights(paired_shards, package_photos, tmp_path):
+def test_probability_mixture_follows_the_weights(paired_shards, package_photos, tmp_path):
     build_shards(BuildConfig(output=str(tmp_path / "clean"), sources=[SourceSpec("pkg", str(package_photos))],
                              max_side=96, progress=False))
     cfg = LoaderConfig(sources=[ShardSourceConfig(str(paired_shards), weight=3.0),
-                                ShardSourceConfig(str(tmp_path / "clean"), weight=1.0)],
+                                ShardSourceConfig(str(tmp_path / "clean"), weight=1.0)], weighting="probability",
                        patch_size=48, batch_size=8, samples_per_epoch=800, num_workers=0, shuffle_buffer=4)
     types = [t for b in build_loader(cfg) for t in b["type"]]
     share = types.count("invert") / len(types)
@@ -138,6 +138,8 @@ def test_loader_config_errors_name_the_key():
         from_dict(LoaderConfig, {"sources": [{"location": "x", "weight": "heavy"}]})
     with pytest.raises(ConfigError, match="unknown key 'batchsize'"):
         from_dict(LoaderConfig, {"sources": [{"location": "x"}], "batchsize": 3})
+    with pytest.raises(ConfigError, match=r"key 'weighting' expects one of 'replicate', 'probability'"):
+        from_dict(LoaderConfig, {"sources": [{"location": "x"}], "weighting": "proportional"})
 
 
 def _rank_main(rank: int, world: int, sources: list, port: int, results) -> None:

@@ -23,7 +23,7 @@ from dataset_tools.cli import main as cli
 from dataset_tools.sources import SourceSpec
 from dataset_tools.verify import verify
 from perceive_ir.config import from_dict
-from perceive_ir.data.images import decode_rgb8
+from perceive_ir.data.images import decode_rgb8, pixel_hash
 
 
 def read_samples(folder: Path) -> dict[str, dict[str, bytes]]:
@@ -110,10 +110,15 @@ def test_pairing_rules(package_photos, tmp_path, rule, lq_names, gt_names):
     else:
         assert manifest.total_samples == 3  # two hazy versions share 0001.png
         assert "no degraded counterpart" in reasons["0003.png"]
+    clean_ids = set()
     for files in read_samples(tmp_path / "out").values():
         gt, _ = decode_rgb8(files[[k for k in files if k.startswith("gt.")][0]])
         lq, _ = decode_rgb8(files[[k for k in files if k.startswith("lq.")][0]])
         assert gt.shape == lq.shape
+        meta = json.loads(files["json"])
+        assert meta["clean_sha256"] == pixel_hash(gt) != meta["image_sha256"]  # the clean side alone
+        clean_ids.add(meta["clean_sha256"])
+    assert len(clean_ids) == 2  # both hazy versions of 0001.png carry its identity
 
 
 def test_corrupt_files_are_skipped_and_listed(package_photos, tmp_path):
@@ -175,8 +180,10 @@ def test_tiling_covers_the_image_with_border_tiles(package_photos, tmp_path):
     assert ys == [0, 48, 86] and xs == [0, 48, 96, 136]  # the last tile is flush with the border
     full = np.asarray(img)
     for s in samples.values():
-        y, x = json.loads(s["json"])["tile"]
+        meta = json.loads(s["json"])
+        y, x = meta["tile"]
         assert np.array_equal(decode_rgb8(s["gt.png"])[0], full[y : y + 64, x : x + 64])
+        assert meta["clean_sha256"] == pixel_hash(full)  # every tile: the identity of the whole image
 
 
 def test_shards_respect_the_byte_bound(package_photos, tmp_path):

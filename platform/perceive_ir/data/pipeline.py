@@ -8,6 +8,15 @@ Guarantees the training loop relies on:
 - a corrupt shard or sample is skipped, never fatal; each batch carries ``skipped``, the
   number of samples its worker dropped since its previous batch, for the loop to log.
 
+Source mixture (``weighting``): ``replicate`` (the paper's resampling ratios) treats each
+source's ``weight`` as a replication factor of its dataset, so its share of the samples is
+weight x samples / sum(weight x samples); ``probability`` makes the weights themselves the
+shares. ``source_shares`` computes them, as the job prints and logs them at start.
+
+Every sample carries ``clean_id``, the identity of its clean source image (see
+``clean_identity``): the medium tier's folds hang on it, never on the key of a degraded
+version or a tile.
+
 Shard order: with ``resample: true`` (training) every (rank, worker) draws shards at random,
 weighted by their sample counts, so small shards are not over-sampled; with
 ``resample: false`` shards are partitioned across ranks, then workers, and visited in a
@@ -18,9 +27,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import braceexpand
 import numpy as np
@@ -39,12 +49,15 @@ log = logging.getLogger(__name__)
 @dataclass
 class ShardSourceConfig:
     location: str  # a shard folder or its manifest.json, or a brace pattern of .tar URLs
-    weight: float = 1.0  # relative sampling rate of this source in the mixture
+    weight: float = 1.0  # replication factor, or mixture probability (see LoaderConfig.weighting)
     name: Optional[str] = None
+    samples: Optional[int] = None  # size of a brace-pattern source (no manifest to read it from)
 
     def __post_init__(self) -> None:
         if self.weight <= 0:
             raise ValueError(f"source '{self.location}': weight must be positive")
+        if self.samples is not None and self.samples < 1:
+            raise ValueError(f"source '{self.location}': samples must be positive")
 
 
 @dataclass
@@ -57,6 +70,7 @@ class LoaderConfig:
     shuffle_buffer: int = 128
     flips: bool = True
     resample: bool = True
+    weighting: Literal["replicate", "probability"] = "replicate"
     seed: int = 0
     storage_options: dict[str, Any] = field(default_factory=dict)
 
@@ -76,20 +90,95 @@ class _ResolvedSource:
     urls: list[str]
     counts: list[int]  # samples per shard (1 each when unknown)
     weight: float
+    samples: Optional[int]  # total samples; None for a brace pattern without a given size
 
 
 def resolve_source(src: ShardSourceConfig, storage_options: dict) -> _ResolvedSource:
     """Turn a manifest or a brace pattern into shard URLs with their sample counts."""
+    name = src.name or src.location
     if src.location.endswith(".tar") or "{" in src.location:
         urls = list(braceexpand.braceexpand(src.location))
         counts = [1] * len(urls)
+        samples = src.samples
     else:
+        if src.samples is not None:
+            raise ValueError(f"source '{name}': 'samples' is for brace patterns only; "
+                             "a shard folder's size comes from its manifest")
         manifest = read_manifest(src.location, storage_options)
         urls = shard_urls(src.location, manifest)
         counts = [s.samples for s in manifest.shards]
+        samples = sum(counts)
     if not urls or sum(counts) == 0:
         raise ValueError(f"source '{src.location}' has no samples")
-    return _ResolvedSource(src.name or src.location, urls, counts, src.weight)
+    return _ResolvedSource(name, urls, counts, src.weight, samples)
+
+
+@dataclass
+class SourceShare:
+    name: str
+    samples: Optional[int]  # None: unknown (a brace pattern under weighting: probability)
+    weight: float
+    share: float  # the expected fraction of training samples drawn from this source
+
+
+def _shares(sources: list[_ResolvedSource], weighting: str) -> list[float]:
+    if weighting == "probability" or len(sources) == 1:
+        masses = [s.weight for s in sources]
+    else:
+        for s in sources:
+            if s.samples is None:
+                raise ValueError(
+                    f"source '{s.name}': weighting 'replicate' needs the source's size, and a brace "
+                    "pattern has no manifest to read it from; point the source at its shard folder, "
+                    "give 'samples: N' for it, or set weighting: probability"
+                )
+        masses = [s.weight * s.samples for s in sources]
+    total = sum(masses)
+    return [m / total for m in masses]
+
+
+def source_shares(cfg: LoaderConfig) -> list[SourceShare]:
+    """Each source's name, size, weight and resulting share of the stream (reads the manifests)."""
+    sources = [resolve_source(s, cfg.storage_options) for s in cfg.sources]
+    return [SourceShare(s.name, s.samples, s.weight, share)
+            for s, share in zip(sources, _shares(sources, cfg.weighting))]
+
+
+def format_shares(shares: list[SourceShare], weighting: str) -> str:
+    """A small text table of :func:`source_shares` for the job's start-up output."""
+    rows = [(s.name, "?" if s.samples is None else str(s.samples), f"{s.weight:g}", f"{100 * s.share:.2f}%")
+            for s in shares]
+    header = ("source", "samples", "weight", "share")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+
+    def line(cells) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([f"training sources (weighting: {weighting})", line(header)] + [line(r) for r in rows])
+
+
+_TILE_SUFFIX = re.compile(r"_y\d+_x\d+$")
+_weak_identity_warned: set[str] = set()
+
+
+def clean_identity(meta: dict, key: str) -> str:
+    """The identity of a sample's clean source image: equal for every degraded version and every
+    tile of one clean image. Shards record it as ``clean_sha256`` (the decoded clean pixels' hash);
+    older shards get the best identity their metadata allows, with a warning where it is weaker."""
+    if meta.get("clean_sha256"):
+        return meta["clean_sha256"]
+    # Older shards: the whole image's hash (shared by its tiles), else the key without its tile.
+    fallback = meta.get("image_sha256") or _TILE_SUFFIX.sub("", key)
+    if meta.get("type", "clean") == "clean":
+        return fallback  # a clean-only sample: that hash or key names the clean image itself
+    dataset = meta.get("dataset", "?")
+    if dataset not in _weak_identity_warned:
+        _weak_identity_warned.add(dataset)
+        log.warning(
+            "dataset '%s': shards without clean identities (built before 'clean_sha256' was recorded); "
+            "folds follow each degraded image instead, so several degraded versions of one clean image "
+            "can reach both hold-out restorers; rebuild the shards to fix this", dataset)
+    return fallback
 
 
 class _SkipCounter:
@@ -139,8 +228,7 @@ class ShardStream(IterableDataset):
         self.epoch = 0
         self.start_batch = 0
         self.sources = [resolve_source(s, cfg.storage_options) for s in cfg.sources]
-        total = sum(s.weight for s in self.sources)
-        self.probs = np.array([s.weight / total for s in self.sources])
+        self.probs = np.array(_shares(self.sources, cfg.weighting))
         self.batches_per_rank = cfg.samples_per_epoch // (world_size * cfg.batch_size)
         if self.batches_per_rank == 0:
             raise ValueError(
@@ -254,6 +342,7 @@ class ShardStream(IterableDataset):
             out[role] = np.ascontiguousarray(view)
         out["meta"] = meta
         out["key"] = key
+        out["clean_id"] = clean_identity(meta, key)
         return out
 
     def __iter__(self) -> Iterator[dict]:
@@ -295,6 +384,7 @@ def _collate(samples: list[dict], skipped: int) -> dict:
         "type": [m.get("type", "clean") for m in metas],
         "dataset": [m.get("dataset", "") for m in metas],
         "key": [s["key"] for s in samples],
+        "clean_id": [s["clean_id"] for s in samples],
         "skipped": skipped,
     }
 

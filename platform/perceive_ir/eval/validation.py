@@ -53,14 +53,19 @@ class HeldOutSet:
             seed=cfg.seed,
             storage_options=dict(storage_options or {}),
         )
-        candidates = next(iter(build_loader(loader, rank=0, world_size=1)))["gt"]
+        batch = next(iter(build_loader(loader, rank=0, world_size=1)))
+        candidates = batch["gt"]
         texture = candidates.mean(dim=1).flatten(1).std(dim=1)
-        self.clean = candidates[texture.argsort(descending=True, stable=True)[: cfg.images]]
-        self.keys = [f"validation/{i}" for i in range(cfg.images)]
+        chosen = texture.argsort(descending=True, stable=True)[: cfg.images]
+        self.clean = candidates[chosen]
+        # The clean identity of each crop: the medium tier scores a crop with the hold-out restorer
+        # that never trained on its clean image (when validation shares images with training).
+        self.keys = [batch["clean_id"][i] for i in chosen.tolist()]
+        seeds = [f"validation/{i}" for i in range(cfg.images)]
         degrader = Degrader(DegradationConfig(seed=cfg.seed))
         self.items: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name in cfg.types:
-            degraded, _ = degrader(self.clean, self.keys, specs=[Spec(name, level=cfg.level)] * cfg.images)
+            degraded, _ = degrader(self.clean, seeds, specs=[Spec(name, level=cfg.level)] * cfg.images)
             self.items[name] = (degraded.clamp(0, 1), self.clean)
 
     def to(self, device: torch.device) -> "HeldOutSet":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from perceive_ir.config import flatten, to_dict
+from perceive_ir.data.pipeline import SourceShare, format_shares, source_shares
 from perceive_ir.data.storage import redact
 from perceive_ir.orchestration.config import JobConfig, RaySettings
 from perceive_ir.orchestration.storage import run_storage
@@ -16,7 +18,7 @@ from perceive_ir.tracking import RunTracker, find_or_create_run, version_tags
 
 log = logging.getLogger(__name__)
 
-__all__ = ["connect", "build_trainer", "launch", "runtime_env", "JobResult"]
+__all__ = ["connect", "build_trainer", "launch", "runtime_env", "report_source_shares", "JobResult"]
 
 # Environment a worker needs from the launching shell when it is set there (never credentials).
 _PASSED_ENV = ("HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "OMP_NUM_THREADS")
@@ -94,6 +96,26 @@ def build_trainer(cfg: JobConfig, payload: dict[str, Any]):
     )
 
 
+SHARES_ARTIFACT = "data/source_shares.json"
+
+
+def report_source_shares(cfg: JobConfig, tracker: RunTracker, working_dir: Optional[Path] = None) -> list[SourceShare]:
+    """Each training source's share of the samples: logged as a table at start and kept in the run.
+    Relative local locations are read from ``working_dir``, the folder the workers run in."""
+    loader = cfg.data.train
+    if working_dir is not None:
+        loader = dataclasses.replace(loader, sources=[
+            dataclasses.replace(s, location=str(working_dir / s.location), name=s.name or s.location)
+            if "://" not in s.location and not Path(s.location).is_absolute() else s
+            for s in loader.sources])
+    shares = source_shares(loader)
+    log.info("%s", format_shares(shares, cfg.data.train.weighting))
+    tracker.log_table({"source": [s.name for s in shares], "samples": [s.samples for s in shares],
+                       "weight": [s.weight for s in shares], "share": [s.share for s in shares],
+                       "weighting": [cfg.data.train.weighting] * len(shares)}, SHARES_ARTIFACT)
+    return shares
+
+
 PRODUCTS = {"stage1": ("perceiver", "medium_tier"), "stage2": ("restorer",)}
 
 
@@ -117,6 +139,7 @@ def launch(stage: str, cfg: JobConfig, working_dir: Optional[Path] = None) -> Jo
         resolved.write_text(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))  # no credentials
         tracker.log_file(resolved, "config")
     log.info("%s: MLflow run %s (%s)", cfg.name, run_id, "new" if created else "continued")
+    report_source_shares(cfg, tracker, working_dir)
     payload = {"stage": stage, "config": to_dict(cfg), "tracking_uri": tracking_uri, "run_id": run_id}
     trainer = build_trainer(cfg, payload)
     try:

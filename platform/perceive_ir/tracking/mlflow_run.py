@@ -167,6 +167,14 @@ class RunTracker:
     def log_folder(self, path: str | Path, artifact_path: str) -> None:
         self.client.log_artifacts(self.run_id, str(path), artifact_path)
 
+    def log_table(self, columns: Mapping[str, list], artifact_file: str) -> None:
+        """A small table (column name -> values) as a JSON artifact in the layout of MLflow's tables
+        (``columns`` + ``data`` rows). A later launch of the run replaces it (``client.log_table``
+        would append the rows again)."""
+        names = list(columns)
+        rows = [list(row) for row in zip(*(columns[n] for n in names))]
+        self.client.log_dict(self.run_id, {"columns": names, "data": rows}, artifact_file)
+
     def register(self, artifact: str, model_name: str) -> str:
         """A new version of registered model ``model_name`` from the run's ``artifact`` folder;
         returns its ``models:/`` URI."""

@@ -37,7 +37,8 @@ class DegradedBatch:
     degraded: torch.Tensor
     types: list[str]
     type_index: torch.Tensor  # a stable integer per type name (the contrast loss's labels)
-    keys: list[str]
+    keys: list[str]  # per sample (tile, degraded version): seeds its synthetic degradation
+    clean_ids: list[str]  # per clean source image: decides the medium tier's fold
 
 
 def type_index(types: Sequence[str], device: torch.device) -> torch.Tensor:
@@ -51,6 +52,8 @@ def synthesize(degrader: Degrader, batch: dict, epoch: int, device: torch.device
     """Clean-only samples are degraded here, on ``device``; paired samples keep their real input."""
     clean = batch["gt"].to(device, non_blocking=True)
     keys = list(batch["key"])
+    # Batches made by hand, not by the loader, may lack clean identities: each key is its own then.
+    clean_ids = list(batch.get("clean_id") or keys)
     synthetic, labels = degrader(clean, keys=keys, epoch=epoch)
     paired = batch["paired"].to(device)
     types = list(labels.types)
@@ -59,7 +62,7 @@ def synthesize(degrader: Degrader, batch: dict, epoch: int, device: torch.device
         synthetic = torch.where(paired[:, None, None, None], real, synthetic)
         types = [batch["type"][i] if bool(paired[i]) else types[i] for i in range(len(types))]
     degraded = synthetic.clamp(0, 1)
-    return DegradedBatch(clean.to(dtype), degraded.to(dtype), types, type_index(types, device), keys)
+    return DegradedBatch(clean.to(dtype), degraded.to(dtype), types, type_index(types, device), keys, clean_ids)
 
 
 def second_crop(x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +72,7 @@ def second_crop(x: torch.Tensor) -> torch.Tensor:
 
 
 class Stage2Model(nn.Module):
-    """Restorer + stage-2 objective (+ frozen medium tier): ``terms, restored = model(degraded, clean, keys, types)``."""
+    """Restorer + stage-2 objective (+ frozen medium tier): ``terms, restored = model(degraded, clean, clean_ids, types)``."""
 
     def __init__(self, restorer: nn.Module, loss: nn.Module, medium_tier: nn.Module | None = None) -> None:
         super().__init__()
@@ -85,7 +88,7 @@ class Stage2Model(nn.Module):
     def restore(self, degraded: torch.Tensor) -> torch.Tensor:
         return self.restorer(degraded, None)
 
-    def forward(self, degraded: torch.Tensor, clean: torch.Tensor, keys: Sequence[str], types: torch.Tensor):
+    def forward(self, degraded: torch.Tensor, clean: torch.Tensor, clean_ids: Sequence[str], types: torch.Tensor):
         codes = None
         if self.conditioned and getattr(self.loss, "contrast", None) is not None:
             prior = self.restorer.prior(degraded)
@@ -95,7 +98,7 @@ class Stage2Model(nn.Module):
             restored = self.restorer(degraded, None)
         medium = None
         if self.medium_tier is not None and getattr(self.loss, "perceptual", None) is not None:
-            medium = self.medium_tier(degraded, list(keys))
+            medium = self.medium_tier(degraded, list(clean_ids))
         terms = self.loss(restored, clean, degraded, medium=medium, codes=codes)
         return terms, restored
 
@@ -103,7 +106,8 @@ class Stage2Model(nn.Module):
 class Stage1Model(nn.Module):
     """K hold-out restorers and the perceiver's prompts, trained one phase after the other.
 
-    ``phase="restorers"``: restorer j learns L1 on the samples outside fold j.
+    ``phase="restorers"``: restorer j learns L1 on the samples outside fold j (folds of clean
+    identities: see ``perceive_ir.models.medium_tier``).
     ``phase="prompts"``: triplets (degraded, medium, clean) where medium is the output of the
     restorer that never saw the sample; cross-entropy over the tiers low/medium/high.
     """
@@ -120,12 +124,12 @@ class Stage1Model(nn.Module):
     def k(self) -> int:
         return len(self.restorers)
 
-    def folds(self, keys: Sequence[str], device: torch.device) -> torch.Tensor:
-        return torch.tensor([fold_of(k, self.k) for k in keys], device=device)
+    def folds(self, clean_ids: Sequence[str], device: torch.device) -> torch.Tensor:
+        return torch.tensor([fold_of(c, self.k) for c in clean_ids], device=device)
 
-    def medium(self, degraded: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
-        """Each sample restored by the restorer of its own fold (which never trained on it)."""
-        folds = self.folds(keys, degraded.device)
+    def medium(self, degraded: torch.Tensor, clean_ids: Sequence[str]) -> torch.Tensor:
+        """Each sample restored by the restorer of its own fold (which never trained on its clean image)."""
+        folds = self.folds(clean_ids, degraded.device)
         out = torch.empty_like(degraded)
         for j, restorer in enumerate(self.restorers):
             index = (folds == j).nonzero(as_tuple=True)[0]
@@ -133,9 +137,9 @@ class Stage1Model(nn.Module):
                 out[index] = restorer(degraded[index], None).clamp(0, 1).to(out.dtype)
         return out
 
-    def forward(self, degraded: torch.Tensor, clean: torch.Tensor, keys: Sequence[str], phase: str):
+    def forward(self, degraded: torch.Tensor, clean: torch.Tensor, clean_ids: Sequence[str], phase: str):
         if phase == "restorers":
-            folds = self.folds(keys, degraded.device)
+            folds = self.folds(clean_ids, degraded.device)
             losses = []
             for j, restorer in enumerate(self.restorers):
                 index = (folds != j).nonzero(as_tuple=True)[0]
@@ -148,7 +152,7 @@ class Stage1Model(nn.Module):
         if phase != "prompts":
             raise ValueError(f"unknown stage-1 phase '{phase}'")
         with torch.no_grad():
-            medium = self.medium(degraded, keys)
+            medium = self.medium(degraded, clean_ids)
         images = torch.cat([degraded, medium, clean])
         b = degraded.shape[0]
         tiers = torch.arange(3, device=images.device).repeat_interleave(b)

@@ -41,7 +41,7 @@ class Stage2Task:
         return [phase_factor(0, self.max_steps, self.optim.warmup_steps, self.optim.floor)]
 
     def compute(self, engine, batch: DegradedBatch, step: int) -> dict[str, torch.Tensor]:
-        terms, restored = engine(batch.degraded, batch.clean, batch.keys, batch.type_index)
+        terms, restored = engine(batch.degraded, batch.clean, batch.clean_ids, batch.type_index)
         self._last_restored = restored.detach()
         return terms
 
@@ -95,7 +95,7 @@ class Stage1Task:
         return factors + [phase_factor(self.restorer_steps, self.prompt_steps, warmup, prompt_floor)]
 
     def compute(self, engine, batch: DegradedBatch, step: int) -> dict[str, torch.Tensor]:
-        return engine(batch.degraded, batch.clean, batch.keys, self.phase(step))
+        return engine(batch.degraded, batch.clean, batch.clean_ids, self.phase(step))
 
     def live_metrics(self) -> dict[str, float]:
         return {}
