@@ -93,7 +93,7 @@ class BareLoop:
         b, times = self.batch, []
         for _ in range(steps):
             start = time.perf_counter()
-            terms, _ = self.task.model(b.degraded, b.clean, b.keys, b.type_index)
+            terms, _ = self.task.model(b.degraded, b.clean, b.clean_ids, b.type_index)
             self.optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)

@@ -27,6 +27,7 @@ from typing import Callable
 
 import pytest
 import torch
+import yaml
 from torch.overrides import TorchFunctionMode
 
 from _model_fixtures import TINY_CONDITIONING, TINY_NAFNET, TINY_RESTORMER
@@ -97,7 +98,8 @@ def stray_tensors(model: torch.nn.Module, device: torch.device) -> list[str]:
 def degraded_batch(device: torch.device) -> DegradedBatch:
     images = torch.rand(BATCH, 3, SIZE, SIZE, device=device)
     types = torch.tensor([0, 3], device=device)
-    return DegradedBatch(images, images, ["gaussian_noise", "haze"], types, list(KEYS))
+    return DegradedBatch(clean=images, degraded=images, types=["gaussian_noise", "haze"], type_index=types,
+                         keys=list(KEYS), clean_ids=list(KEYS))
 
 
 # -- building tasks as the job does -------------------------------------------------------------------
@@ -105,6 +107,7 @@ def degraded_batch(device: torch.device) -> DegradedBatch:
 NAFNET = {"name": "nafnet", "params": TINY_NAFNET}
 RESTORMER = {"name": "restormer", "params": TINY_RESTORMER}
 PERCEIVE_IR = {"name": "perceive_ir", "params": TINY_CONDITIONING}
+ETB = yaml.safe_load((REPO / "configs/models/restormer_etb_tiny.yaml").read_text())  # the paper's network
 EVERY_LOSS = ["loss.l1=0.1", "loss.l2=0.05", "loss.l3=0.1"]  # the tiny profile's VGG stands in for VGG-16
 
 
@@ -122,8 +125,6 @@ def in_repository():
 
 
 def _yaml(value: dict) -> str:
-    import yaml
-
     return yaml.safe_dump(value, default_flow_style=True).strip()
 
 
@@ -164,7 +165,7 @@ def run_stage1(task, device: torch.device) -> None:
     for step in (0, task.restorer_steps):  # phase "restorers", then "prompts"
         terms = task.compute(task.model, batch, step)
         assert terms["total"].device == device
-    task.model.medium(batch.degraded, batch.keys)
+    task.model.medium(batch.degraded, batch.clean_ids)
 
 
 def run_stage2(task, device: torch.device) -> None:
@@ -181,6 +182,8 @@ CASES: dict[str, tuple[Callable, Callable]] = {
         lambda p: build_stage2(p, NAFNET, PERCEIVE_IR), run_stage2),
     "stage2 restormer + perceive_ir, every loss, medium tier": (
         lambda p: build_stage2(p, RESTORMER, PERCEIVE_IR), run_stage2),
+    "stage2 restormer ETB (PGM + PGCA in the blocks), every loss, medium tier": (
+        lambda p: build_stage2(p, ETB["backbone"], ETB["conditioning"]), run_stage2),
     "stage2 restormer, no conditioning, no medium tier": (
         lambda p: build_stage2(p, RESTORMER, {"name": "none"}, medium=False), run_stage2),
     "stage2 nafnet, no conditioning, medium tier": (

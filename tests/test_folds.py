@@ -193,3 +193,25 @@ def test_shards_built_before_clean_identities_still_load(sources, tmp_path, capl
     assert len(warnings) == 1 and "dataset 'old_reside'" in warnings[0] and "rebuild the shards" in warnings[0]
     by_key = {k: c for b in hazy for k, c in zip(b["key"], b["clean_id"])}
     assert len(set(by_key.values())) == len(by_key)  # each hazy version on its own: weaker, as warned
+
+
+def test_medium_tier_products_record_their_fold_rule_and_older_ones_are_flagged(tmp_path, caplog):
+    from perceive_ir.models.medium_tier import FOLD_RULE
+    from perceive_ir.train.products import load_medium_tier, save_medium_tier
+
+    cfg = from_dict(RestorerConfig, {"backbone": {"name": "nafnet", "params": {
+        "width": 8, "encoder_blocks": [1, 1, 1, 1], "middle_blocks": 1, "decoder_blocks": [1, 1, 1, 1]}},
+        "conditioning": {"name": "none"}})
+    folder = save_medium_tier([cfg.build(), cfg.build()], cfg, tmp_path / "medium_tier")
+    meta = json.loads((folder / "medium_tier.json").read_text())
+    assert meta["fold_rule"] == FOLD_RULE
+    with caplog.at_level(logging.WARNING, logger="perceive_ir.train.products"):
+        load_medium_tier(folder)
+    assert not caplog.records
+    del meta["fold_rule"]  # a product saved when folds followed the sample key
+    (folder / "medium_tier.json").write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="perceive_ir.train.products"):
+        restorers, _ = load_medium_tier(folder)
+    assert len(restorers) == 2
+    assert any("fold rule 'sample key'" in r.getMessage() and "train stage 1 again" in r.getMessage()
+               for r in caplog.records)

@@ -15,7 +15,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["fold_of", "MediumTierGenerator"]
+__all__ = ["FOLD_RULE", "fold_of", "MediumTierGenerator"]
+
+# Recorded with every saved medium tier: products whose folds followed another rule (the sample
+# key, before clean identities) may have trained on the ground truths they later score.
+FOLD_RULE = "sha256(clean_id) mod k"
 
 
 def fold_of(clean_id: str, k: int) -> int:

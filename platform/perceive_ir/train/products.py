@@ -12,6 +12,7 @@ A product is named by a local path or an MLflow URI (``runs:/<id>/<path>``, ``mo
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +22,9 @@ from torch import nn
 
 from perceive_ir.config import from_dict, to_dict
 from perceive_ir.models import MediumTierGenerator, PerceiverConfig, QualityPerceiver, RestorerConfig
+from perceive_ir.models.medium_tier import FOLD_RULE
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "resolve_product",
@@ -108,7 +112,7 @@ def save_medium_tier(restorers: list[nn.Module], cfg: RestorerConfig, directory:
     directory.mkdir(parents=True, exist_ok=True)
     for j, restorer in enumerate(restorers):
         save_file(_state(restorer), str(directory / f"fold_{j}.safetensors"))
-    meta = {"k": len(restorers), "restorer": to_dict(cfg)}
+    meta = {"k": len(restorers), "fold_rule": FOLD_RULE, "restorer": to_dict(cfg)}
     (directory / "medium_tier.json").write_text(json.dumps(meta, indent=2))
     return directory
 
@@ -119,6 +123,10 @@ def load_medium_tier(directory: str | Path) -> tuple[list[nn.Module], RestorerCo
     if not meta_file.is_file():
         raise FileNotFoundError(f"'{directory}' is not a medium-tier folder (no medium_tier.json)")
     meta = json.loads(meta_file.read_text())
+    if meta.get("fold_rule") != FOLD_RULE:
+        log.warning("%s: fold rule %r, not %r: these hold-out restorers may have trained on ground truths "
+                    "they score (several degraded versions or tiles of one clean image in different folds); "
+                    "train stage 1 again", meta_file, meta.get("fold_rule", "sample key"), FOLD_RULE)
     cfg = from_dict(RestorerConfig, meta["restorer"], str(meta_file))
     restorers = [_load_weights(cfg.build(), directory / f"fold_{j}.safetensors") for j in range(int(meta["k"]))]
     return restorers, cfg
