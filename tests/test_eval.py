@@ -1,11 +1,18 @@
-"""PSNR/SSIM on real photo crops, and the fixed held-out validation set."""
+"""PSNR/SSIM on real photo crops and stored benchmark pairs (against scikit-image), and the fixed
+held-out validation set."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
+from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from _train_fixtures import build_tiny_shards, photo_crops
+from conftest import shared_dataset
 from perceive_ir.eval import HeldOutSet, ValidationConfig, evaluate, psnr, ssim
+from perceive_ir.eval.metrics import rgb_to_y
 
 
 def test_psnr_and_ssim_order_by_damage():
@@ -33,3 +40,52 @@ def test_held_out_set_is_fixed_and_scored_per_type(package_photos, tmp_path):
     metrics, _ = evaluate(lambda x: a.clean, a, quality=lambda y: y.mean((1, 2, 3)))
     assert metrics["val/mean/psnr_out"] == 100.0 and metrics["val/mean/ssim_out"] > 0.999
     assert "val/haze/quality_out" in metrics and set(outputs) == set(cfg.types)
+
+
+def _assert_matches_scikit_image(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """float64 H x W x 3 pairs (output, reference) in [0, 1]: RGB and Y-channel, batched per size."""
+    for out, ref in pairs:
+        x, y = (torch.from_numpy(a).permute(2, 0, 1)[None].float() for a in (out, ref))
+        expected_psnr = peak_signal_noise_ratio(ref, out, data_range=1)
+        expected_ssim = structural_similarity(ref, out, data_range=1, channel_axis=2)
+        assert abs(psnr(x, y).item() - expected_psnr) < 1e-3
+        assert abs(ssim(x, y).item() - expected_ssim) < 1e-4
+        y_out, y_ref = (rgb_to_y(t)[0, 0].double().numpy() for t in (x, y))
+        assert abs(psnr(x, y, y_channel=True).item() - peak_signal_noise_ratio(y_ref, y_out, data_range=1)) < 1e-3
+        assert abs(ssim(x, y, y_channel=True).item() - structural_similarity(y_ref, y_out, data_range=1)) < 1e-4
+    same = [p for p in pairs if p[0].shape == pairs[0][0].shape]
+    batch = [torch.from_numpy(np.stack(a)).permute(0, 3, 1, 2).float() for a in zip(*same)]
+    singles = torch.cat([ssim(o[None], r[None]) for o, r in zip(*batch)])
+    torch.testing.assert_close(ssim(*batch), singles)  # a batch scores each image on its own
+
+
+def _read(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255
+
+
+def _damaged_versions(clean: np.ndarray, seed: int) -> list[np.ndarray]:
+    """8-bit noisy (sigma 25) and blurred versions of a clean image."""
+    from scipy.ndimage import uniform_filter
+
+    rng = np.random.default_rng(seed)
+    noisy = np.round(np.clip(clean + rng.normal(0, 25 / 255, clean.shape), 0, 1) * 255) / 255
+    blurred = np.round(uniform_filter(clean, size=(5, 5, 1)) * 255) / 255
+    return [noisy, blurred]
+
+
+def test_metrics_equal_scikit_image_on_photos():
+    crops = [c.permute(1, 2, 0).double().numpy() for c in photo_crops(96)]
+    _assert_matches_scikit_image([(d, c) for i, c in enumerate(crops) for d in _damaged_versions(c, i)])
+
+
+def test_metrics_equal_scikit_image_on_stored_benchmark_pairs():
+    cbsd68 = sorted(shared_dataset("CBSD68").glob("*.png"))[:3]
+    rain = shared_dataset("Rain100L_subset3")
+    pairs = [(d, c) for i, p in enumerate(cbsd68) for c in [_read(p)] for d in _damaged_versions(c, i)]
+    pairs += [(_read(p), _read(rain / "target" / p.name)) for p in sorted((rain / "input").glob("*.png"))]
+    _assert_matches_scikit_image(pairs)
+
+
+def test_ssim_refuses_images_below_its_window():
+    with pytest.raises(ValueError, match="at least 7 x 7"):
+        ssim(torch.rand(1, 3, 6, 40), torch.rand(1, 3, 6, 40))

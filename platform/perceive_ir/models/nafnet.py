@@ -92,6 +92,12 @@ class NAFNet(nn.Module):
                 nn.Sequential(*[NAFBlock(skip_width, cfg.expansion, cfg.ffn_expansion) for _ in range(n)])
             )
         self.ending = nn.Conv2d(cfg.width, cfg.out_channels, 3, padding=1)
+        # With the global skip the network starts as input + (almost) 0: training learns a residual and
+        # cannot start below its input. Not exactly 0, so that every layer gets a gradient from step one.
+        with torch.no_grad():
+            self.ending.weight.mul_(1e-3)
+            if self.ending.bias is not None:
+                self.ending.bias.zero_()
         self._multiple = 2 ** len(cfg.encoder_blocks)
 
     def decoder_stages(self) -> list[tuple[str, int]]:

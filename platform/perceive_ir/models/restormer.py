@@ -170,6 +170,12 @@ class Restormer(nn.Module):
         self.decoder1 = _stack(cfg.blocks[0], widths[1], cfg.heads[0], cfg)
         self.refinement = _stack(cfg.refinement_blocks, widths[1], cfg.heads[0], cfg)
         self.output = nn.Conv2d(widths[1], cfg.out_channels, 3, padding=1, bias=cfg.bias)
+        # With the global skip the network starts as input + (almost) 0: training learns a residual and
+        # cannot start below its input. Not exactly 0, so that every layer gets a gradient from step one.
+        with torch.no_grad():
+            self.output.weight.mul_(1e-3)
+            if self.output.bias is not None:
+                self.output.bias.zero_()
 
     def decoder_stages(self) -> list[tuple[str, int]]:
         """(submodule name, output channels) of each decoder level, deepest first.

@@ -1,0 +1,138 @@
+"""Full-image evaluation throughput on CBSD68 at sigma 25 (figures only, no assertions).
+
+    python benchmarks/bench_eval.py [--images 68] [--model quickstart|restormer_tiny] [--rounds 2]
+
+Compares, on the same restorer in the same process:
+
+- peers' loop: one image at a time, as the all-in-one papers' test scripts do it: read the PNG,
+  add numpy Gaussian noise on the 0-255 scale, 8-bit round, restore a 1-image batch, then
+  scikit-image's PSNR and SSIM on the CPU;
+- scorer: this platform's worker path (:class:`perceive_ir.eval.scoring.Scorer`): images of one size
+  batched, seeded degradation and metrics in torch on the device, reflect padding to the multiple;
+- protocol: the same through Ray (``ray.num_workers`` actors, chunks, progress), actor start-up
+  included, Ray start-up not.
+
+Turns alternate (peers, scorer, protocol, peers, ...) so that a busy machine slows all of them
+alike; each figure is the best round. Needs ../shared/datasets/CBSD68.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for entry in (REPO / "platform", REPO):
+    if str(entry) not in sys.path:
+        sys.path.insert(0, str(entry))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from perceive_ir.config import from_dict, load_config  # noqa: E402
+from perceive_ir.eval.inference import InferenceConfig  # noqa: E402
+from perceive_ir.eval.protocol import EvalConfig, _chunks, _score, _start_workers  # noqa: E402
+from perceive_ir.eval.scoring import Scorer  # noqa: E402
+from perceive_ir.eval.suite import SuiteConfig, resolve_suite  # noqa: E402
+from perceive_ir.models import RestorerConfig  # noqa: E402
+
+MODELS = {"quickstart": REPO / "configs/stage2_tiny.yaml", "restormer_tiny": REPO / "configs/models/restormer_tiny.yaml"}
+
+
+def restorer_config(name: str) -> RestorerConfig:
+    import yaml
+
+    raw = yaml.safe_load(MODELS[name].read_text())
+    return from_dict(RestorerConfig, raw.get("restorer", raw), str(MODELS[name]))
+
+
+def peers_loop(model: torch.nn.Module, files: list[Path], seed: int = 0) -> float:
+    from PIL import Image
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    rng = np.random.RandomState(seed)
+    start = time.perf_counter()
+    for path in files:
+        clean = np.asarray(Image.open(path).convert("RGB"))
+        noisy = np.clip(clean + rng.randn(*clean.shape) * 25, 0, 255).astype(np.uint8)
+        x = torch.from_numpy(noisy).permute(2, 0, 1)[None].float() / 255
+        with torch.no_grad():
+            out = model(x).clamp(0, 1)[0].permute(1, 2, 0).numpy().astype(np.float64)
+        reference = clean.astype(np.float64) / 255
+        peak_signal_noise_ratio(reference, out, data_range=1)
+        structural_similarity(reference, out, data_range=1, channel_axis=2)
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=68)
+    parser.add_argument("--model", choices=sorted(MODELS), default="quickstart")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=4)
+    args = parser.parse_args()
+
+    import ray
+
+    from perceive_ir.train.products import save_restorer
+
+    root = REPO.parent / "shared" / "datasets"
+    suite = from_dict(SuiteConfig, {"name": "bench", "data_root": str(root), "sets": [
+        {"name": "CBSD68", "clean": "CBSD68", "limit": args.images, "degradations": {"gaussian_noise": ["sigma25"]}}]})
+    _, items, _ = resolve_suite(suite)
+    files = [Path(i.clean) for i in items]
+    cfg = restorer_config(args.model)
+    torch.manual_seed(0)
+    model = cfg.build().eval()
+    threads = torch.get_num_threads()
+    scorer = Scorer(model, InferenceConfig(batch_size=args.batch_size), seed=0)
+
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-eval-"))
+    save_restorer(model, cfg, folder / "restorer")
+    eval_cfg = load_config(EvalConfig, REPO / "configs/eval/quickstart.yaml", [
+        f"model={folder / 'restorer'}", f"inference.batch_size={args.batch_size}", "progress=false",
+        f"ray.resources_per_worker={{CPU: {threads}}}"])
+    product = {n: (folder / "restorer" / n).read_bytes() for n in ("restorer.json", "model.safetensors")}
+    ray.init(num_cpus=threads, runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "platform")}})
+
+    def protocol() -> float:
+        start = time.perf_counter()
+        workers = _start_workers(eval_cfg, product)
+        _score(workers, _chunks(items, args.batch_size), progress=False)
+        elapsed = time.perf_counter() - start
+        for w in workers:
+            ray.kill(w)
+        return elapsed
+
+    def scorer_turn() -> float:
+        start = time.perf_counter()
+        scorer.score(items)
+        return time.perf_counter() - start
+
+    peers_loop(model, files[:2])  # warm-up
+    scorer.score(items[:2])
+    best = {"peers": float("inf"), "scorer": float("inf"), "protocol": float("inf")}
+    for _ in range(args.rounds):
+        for name, turn in (("peers", lambda: peers_loop(model, files)), ("scorer", scorer_turn), ("protocol", protocol)):
+            best[name] = min(best[name], turn())
+    ray.shutdown()
+    n = len(items)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"CBSD68 sigma 25, {n} full images (481x321), model '{args.model}' ({params:.2f} M parameters), "
+          f"{threads} torch threads, batch {args.batch_size}, best of {args.rounds} alternating rounds")
+    print(f"{'path':<44} {'images/s':>9} {'speed-up':>9}")
+    base = n / best["peers"]
+    for name, label in (("peers", "peers' loop (one image, skimage metrics)"),
+                        ("scorer", "scorer (batched, torch metrics)"),
+                        ("protocol", "protocol on Ray (1 actor, start-up incl.)")):
+        rate = n / best[name]
+        print(f"{label:<44} {rate:>9.2f} {rate / base:>8.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

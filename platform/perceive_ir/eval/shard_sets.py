@@ -1,0 +1,61 @@
+"""Paired test sets from ``perceive-shards`` output: the samples of one split, whole images only."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from functools import lru_cache
+
+from perceive_ir.data.manifest import read_manifest, shard_urls
+from perceive_ir.data.storage import StorageError, open_url
+
+__all__ = ["shard_items", "read_member"]
+
+
+@lru_cache(maxsize=8)
+def _index(url: str) -> dict[str, tuple[int, int]]:
+    """``{member name: (data offset, size)}`` of a tar shard (headers only are read)."""
+    with open_url(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        return {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
+
+
+def read_member(url: str, name: str) -> bytes:
+    offset, size = _index(url)[name]
+    with open_url(url, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+def _image_member(members: dict, key: str, role: str) -> str | None:
+    return next((n for n in members if n.startswith(f"{key}.{role}.")), None)
+
+
+def shard_items(s, location: str) -> list:
+    """Items of set ``s`` (a :class:`~perceive_ir.eval.suite.SetConfig` with ``shards``)."""
+    from perceive_ir.eval.suite import Item, MissingSetError
+
+    try:
+        manifest = read_manifest(location)
+    except StorageError:
+        raise MissingSetError(location) from None
+    items = []
+    for url in shard_urls(location, manifest):
+        members = _index(url)
+        for name in members:
+            if not name.endswith(".json"):
+                continue
+            meta = json.loads(read_member(url, name))
+            if meta.get("split") != s.split:
+                continue
+            key = name[: -len(".json")]
+            if meta.get("tile") is not None:
+                raise ValueError(f"set '{s.name}': sample '{key}' of '{url}' is a tile; evaluation scores whole "
+                                 "images: build test shards without tile_size")
+            clean, degraded = _image_member(members, key, "gt"), _image_member(members, key, "lq")
+            if clean is None or degraded is None:
+                continue  # a clean-only sample has nothing to restore
+            items.append(Item(s.name, key.rsplit("/", 1)[-1], s.type or meta["type"], "", clean, degraded, url))
+    if not items:
+        raise ValueError(f"set '{s.name}': no paired '{s.split}' samples in '{location}'")
+    items.sort(key=lambda i: i.image)
+    return items[: s.limit]
