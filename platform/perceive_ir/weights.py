@@ -11,7 +11,12 @@ the perceptual loss) is described by a hub name and an optional local file. Reso
    naming the file that is needed and the configuration key that points to it, instead of
    letting the hub client retry for a minute.
 
-Local files are read without executing code: safetensors, or ``torch.load(weights_only=True)``.
+A local path may also be a folder as the hubs lay them out (e.g. Hugging Face's
+``facebook/dinov2-base``): the first of the weight files the loader names is taken from it.
+
+Local files are read without executing code: safetensors, ``torch.load(weights_only=True)``, or
+a TorchScript archive's tensors read by :mod:`perceive_ir.torchscript_weights` (never
+``torch.jit.load``). The format is told from the file's content, not its name.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ import torch
 
 __all__ = [
     "MissingWeightsError",
+    "WeightFormatError",
     "WeightSource",
+    "load_exact",
     "hub_offline",
     "resolve",
     "sha256_file",
@@ -42,6 +49,10 @@ HUB_HOST = "huggingface.co"
 
 class MissingWeightsError(FileNotFoundError):
     """Pretrained weights are needed but cannot be had (no local file, hub unreachable)."""
+
+
+class WeightFormatError(ValueError):
+    """A weight file exists but does not hold the network it was configured for."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,14 +115,18 @@ def resolve(
     hub_name: str | None,
     hub_repo: str | None = None,
     hub_files: Iterable[str] = (),
+    folder_files: Iterable[str] = (),
 ) -> WeightSource:
     """Decide where the weights of ``what`` come from; fail fast when they cannot be had.
 
     ``hub_repo``/``hub_files`` name the files the hub name downloads, so that the error says which
-    file to fetch and an already cached copy counts as available offline.
+    file to fetch and an already cached copy counts as available offline. ``folder_files`` are the
+    weight files looked for, in order, when ``local_file`` is a folder.
     """
     if local_file:
         path = Path(local_file).expanduser()
+        if path.is_dir():
+            path = _weight_file_in(path, list(folder_files), what, config_key)
         if not path.is_file():
             raise MissingWeightsError(f"{what}: weight file '{path}' (from '{config_key}') does not exist")
         return WeightSource(path=path, sha256=sha256_file(path))
@@ -132,29 +147,81 @@ def resolve(
     return WeightSource(hub=hub_name)
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from safetensors or a torch file, never executing code.
+def _weight_file_in(folder: Path, names: list[str], what: str, config_key: str) -> Path:
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    wanted = ", ".join(names) if names else "a weight file (this setting takes a file, not a folder)"
+    raise MissingWeightsError(f"{what}: folder '{folder}' (from '{config_key}') holds none of: {wanted}")
+
+
+def _file_kind(path: Path) -> str:
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (100 << 20):
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        from perceive_ir.torchscript_weights import is_torchscript_archive
+
+        return "torchscript" if is_torchscript_archive(path) else "torch"
+    return "torch"
+
+
+def read_state_dict(path: str | Path, config_key: str | None = None) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors, a torch file or a TorchScript archive, never executing code.
 
     Unwraps ``{"state_dict": ...}``/``{"model": ...}`` containers and a DDP ``module.`` prefix.
+    Errors name ``config_key``, the setting that points to the file.
     """
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    origin = f"'{path}'" + (f" (from '{config_key}')" if config_key else "")
+    kind = _file_kind(path)
+    try:
+        if kind == "safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path), device="cpu")
-    else:
-        try:
+            state = load_file(str(path), device="cpu")
+        elif kind == "torchscript":
+            from perceive_ir.torchscript_weights import read_torchscript_state
+
+            state = read_torchscript_state(path)
+        else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # TorchScript archives and pickled objects are refused
-            raise ValueError(
-                f"'{path}' is not a plain state dict loadable with weights_only=True ({err}); "
-                "convert it to safetensors"
-            ) from None
+    except Exception as err:  # pickled objects other than tensors are refused by weights_only
+        raise WeightFormatError(
+            f"{origin} is not a weight file (safetensors, a state dict loadable with "
+            f"torch.load(weights_only=True), or a TorchScript archive): {err}"
+        ) from None
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"'{path}' does not hold a state dict")
-    if state and all(k.startswith("module.") for k in state):
+    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightFormatError(f"{origin} does not hold a state dict of tensors")
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state
+
+
+def load_exact(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], *, what: str, path: str | Path, config_key: str, expected: str
+) -> None:
+    """``module.load_state_dict(state, strict=True)``, failing with what was expected and where it was set."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    misshaped = [
+        f"{k} {tuple(state[k].shape)} instead of {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    problems = [
+        f"{label} ({len(keys)}): {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
+        if keys
+    ]
+    if problems:
+        raise WeightFormatError(
+            f"{what}: '{path}' (from '{config_key}') does not hold {expected}; " + "; ".join(problems)
+        )
+    module.load_state_dict(state, strict=True)

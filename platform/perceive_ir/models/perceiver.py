@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from perceive_ir.models.clip_backend import ClipIdentity, load_clip, register_arch_config
+from perceive_ir.models.clip_backend import ClipIdentity, architecture_activation, load_clip, register_arch_config
 from perceive_ir.models.prompt_learner import PromptLearner
 
 __all__ = ["PerceiverConfig", "QualityPerceiver", "PerceiverIdentityError", "TIERS"]
@@ -38,7 +38,10 @@ class PerceiverIdentityError(ValueError):
 class PerceiverConfig:
     architecture: str = "ViT-B-32"
     pretrained: str | None = "openai"  # open_clip hub tag
-    clip_weights: str | None = None  # local weight file; takes precedence over `pretrained`
+    clip_weights: str | None = None  # local weight file or folder; takes precedence over `pretrained`
+    # CLIP towers' activation: auto = what the weights were trained with (QuickGELU for OpenAI's),
+    # or the architecture's own for weights of unknown origin; a contradicting setting is refused
+    clip_activation: Literal["auto", "quick_gelu", "gelu"] = "auto"
     arch_config: str | None = None  # open_clip JSON to register first (custom/tiny architectures)
     n_ctx: int = 16
     init_std: float = 0.02
@@ -56,7 +59,9 @@ class PerceiverConfig:
     def build(self, config_key: str = "perceiver.clip_weights") -> "QualityPerceiver":
         if self.arch_config:
             register_arch_config(self.arch_config)
-        clip, identity = load_clip(self.architecture, self.pretrained, self.clip_weights, config_key)
+        clip, identity = load_clip(
+            self.architecture, self.pretrained, self.clip_weights, config_key, activation=self.clip_activation
+        )
         return QualityPerceiver(clip, identity, self)
 
 
@@ -185,6 +190,7 @@ class QualityPerceiver(nn.Module):
             architecture=saved.architecture,
             pretrained=saved.pretrained,
             clip_weights=clip_weights,
+            clip_activation=saved.activation or "auto",
             arch_config=arch_config,
             n_ctx=int(meta["n_ctx"]),
             tier_words=list(meta["tier_words"]),
@@ -194,7 +200,13 @@ class QualityPerceiver(nn.Module):
         )
         if arch_config:
             register_arch_config(arch_config)
-        clip, identity = load_clip(cfg.architecture, cfg.pretrained, cfg.clip_weights, config_key)
+        if saved.activation is None:
+            # saved before the activation was recorded: open_clip then built the architecture's own
+            # activation, whatever the weights (e.g. GELU towers over OpenAI's weights, refused below)
+            saved = dataclasses.replace(saved, activation=architecture_activation(saved.architecture))
+        clip, identity = load_clip(
+            cfg.architecture, cfg.pretrained, cfg.clip_weights, config_key, activation=cfg.clip_activation
+        )
         diff = saved.differences(identity)
         if diff:
             raise PerceiverIdentityError(f"{directory}: CLIP differs from the one the prompts were learned on: " + "; ".join(diff))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import torch
@@ -11,8 +12,11 @@ from torch import nn
 
 from perceive_ir import weights
 from perceive_ir.models.layers import frozen
+from perceive_ir.models.weight_formats import WEIGHT_FILES, load_timm_file
 
-__all__ = ["SemanticConfig", "SemanticGuidance", "create_timm_backbone"]
+__all__ = ["SemanticConfig", "SemanticGuidance", "create_timm_backbone", "resolve_timm_weights"]
+
+logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -22,7 +26,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class SemanticConfig:
     model: str = "vit_base_patch14_dinov2.lvd142m"
     pretrained: bool = True  # False: random init (tests, parameter counts)
-    weights: str | None = None  # local timm-format file; takes precedence over the hub
+    # local file or folder: timm's model.safetensors/pytorch_model.bin, or Hugging Face's
+    # facebook/dinov2-* folder (converted on load); takes precedence over the hub
+    weights: str | None = None
     layers: list[int] = dataclasses.field(default_factory=lambda: [2, 5, 8, 11])  # (verify)
     image_size: int = 224
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. a tiny depth/width
@@ -30,12 +36,27 @@ class SemanticConfig:
 
 def create_timm_backbone(
     name: str, pretrained: bool, weights_file: str | None, config_key: str, **kwargs: Any
-) -> nn.Module:
-    """A timm model with weights from ``weights_file`` (read without executing code) or the hub."""
+) -> tuple[nn.Module, weights.WeightSource | None]:
+    """A timm model and where its weights came from (``None``: random init).
+
+    ``weights_file`` (a file or hub folder, read without executing code; timm's own files or, for
+    DINOv2, Hugging Face's folder) takes precedence over the hub.
+    """
     import timm
 
     if not pretrained:
-        return timm.create_model(name, pretrained=False, **kwargs)
+        return timm.create_model(name, pretrained=False, **kwargs), None
+    source = resolve_timm_weights(name, weights_file, config_key)
+    if source.is_local:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        load_timm_file(model, source.path, name=name, config_key=config_key)
+        return model, source
+    return timm.create_model(name, pretrained=True, **kwargs), source
+
+
+def resolve_timm_weights(name: str, weights_file: str | None, config_key: str) -> weights.WeightSource:
+    import timm
+
     hub_cfg = timm.models.get_pretrained_cfg(name)
     source = weights.resolve(
         what=f"timm model {name}",
@@ -43,13 +64,12 @@ def create_timm_backbone(
         local_file=weights_file,
         hub_name=name,
         hub_repo=getattr(hub_cfg, "hf_hub_id", None),
-        hub_files=("model.safetensors", "pytorch_model.bin"),
+        hub_files=WEIGHT_FILES,
+        folder_files=WEIGHT_FILES,
     )
     if source.is_local:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-        model.load_state_dict(weights.read_state_dict(source.path), strict=True)
-        return model
-    return timm.create_model(name, pretrained=True, **kwargs)
+        logger.info("%s: weights from '%s' (sha256 %s)", config_key, source.path, source.sha256)
+    return source
 
 
 class SemanticGuidance(nn.Module):
@@ -59,7 +79,9 @@ class SemanticGuidance(nn.Module):
         super().__init__()
         self.cfg = cfg
         kwargs = {"dynamic_img_size": True, **cfg.model_kwargs}
-        self.backbone = frozen(create_timm_backbone(cfg.model, cfg.pretrained, cfg.weights, config_key, **kwargs))
+        backbone, source = create_timm_backbone(cfg.model, cfg.pretrained, cfg.weights, config_key, **kwargs)
+        self.backbone = frozen(backbone)
+        self.weights_sha256 = source.sha256 if source else None  # identity of a local weight file
         depth = len(self.backbone.blocks)
         for layer in cfg.layers:
             if not 0 <= layer < depth:
