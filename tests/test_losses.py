@@ -25,7 +25,7 @@ def test_infonce_known_value():
     anchor = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
     positive = torch.tensor([[math.cos(theta), math.sin(theta)], [0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
     types = torch.tensor([0, 1, 0])  # sample 2 shares sample 0's type: never its negative
-    loss = DegradationContrastLoss(ContrastConfig(temperature=0.1))(anchor, positive, types)
+    loss, no_negative = DegradationContrastLoss(ContrastConfig(temperature=0.1))(anchor, positive, types)
     t = 0.1
     # sample 0: positive cos(theta); negatives a_1, p_1 (both cosine 0)
     l0 = -math.log(math.exp(math.cos(theta) / t) / (math.exp(math.cos(theta) / t) + 2))
@@ -34,6 +34,40 @@ def test_infonce_known_value():
     # sample 2: positive 1; negatives a_1, p_1
     l2 = -math.log(math.exp(1 / t) / (math.exp(1 / t) + 2))
     assert loss.item() == pytest.approx((l0 + l1 + l2) / 3, rel=1e-9)
+    assert no_negative.item() == 0.0 and not no_negative.requires_grad
+
+
+def test_infonce_anchors_without_negative_leave_the_mean_and_keep_the_graph():
+    """A batch of one type: no anchor has a negative; the loss is 0, not a mean of 0s over
+    anchors that had nothing to contrast with, and every CFE parameter still gets a gradient."""
+    torch.manual_seed(0)
+    cfe = CompactDegradationEncoder([8, 16, 16, 16], code_dim=16)
+    degraded = add_noise(random_crops(HELD_OUT_PHOTOS, 3, 48, seed=1), 0.1, 0)
+    loss_fn = DegradationContrastLoss()
+    loss, no_negative = loss_fn(cfe(degraded[..., :32, :32]), cfe(degraded[..., 16:, 16:]), torch.tensor([2, 2, 2]))
+    assert loss.item() == 0.0 and no_negative.item() == 1.0 and not no_negative.requires_grad
+    assert loss.requires_grad
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in cfe.parameters())
+
+
+def test_stage2_loss_logs_the_no_negative_fraction_outside_the_total():
+    from perceive_ir.losses import LossConfig
+
+    anchor = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    positive = torch.tensor([[0.6, 0.8], [0.8, 0.6]])
+    clean = torch.zeros(2, 3, 8, 8)
+    loss = from_dict(LossConfig, {"l1": 0.5, "l2": 0.0, "l3": 0.0}).build()
+    restored = clean + 0.25
+    one_type = loss(restored, clean, restored, codes=(anchor, positive, torch.tensor([1, 1])))
+    assert one_type["cl"].item() == 0.0 and one_type["cl_no_negative_frac"].item() == 1.0
+    assert one_type["total"].item() == pytest.approx(0.25)  # L_rec only: the fraction is not summed in
+    two_types = loss(restored, clean, restored, codes=(anchor, positive, torch.tensor([1, 2])))
+    # anchor 0: positive cosine 0.6; negatives a_1 (cosine 0), p_1 (cosine 0.8); anchor 1 symmetric
+    expected = -math.log(math.exp(6) / (math.exp(6) + 1 + math.exp(8)))
+    assert two_types["cl"].item() == pytest.approx(expected, rel=1e-5)
+    assert two_types["cl_no_negative_frac"].item() == 0.0
+    assert two_types["total"].item() == pytest.approx(0.25 + 0.5 * expected, rel=1e-5)
 
 
 def test_infonce_gradient_reaches_the_degradation_encoder():
@@ -42,7 +76,7 @@ def test_infonce_gradient_reaches_the_degradation_encoder():
     clean = random_crops(HELD_OUT_PHOTOS, 4, 48, seed=1)
     degraded = torch.cat([add_noise(clean[:2], 0.1, 0), blur(clean[2:])])
     types = torch.tensor([0, 0, 1, 1])
-    loss = DegradationContrastLoss()(cfe(degraded[..., :32, :32]), cfe(degraded[..., 16:, 16:]), types)
+    loss, _ = DegradationContrastLoss()(cfe(degraded[..., :32, :32]), cfe(degraded[..., 16:, 16:]), types)
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cfe.parameters())
 
@@ -74,20 +108,21 @@ def test_tier_thresholds_move_difficulty_weights():
     assert difficulty_weights(scores, [0.6, 0.9], [0.75, 1.0, 1.25]).tolist() == [0.75, 0.75, 1.0]
     # a score exactly at a threshold belongs to the tier above it
     assert difficulty_weights(torch.tensor([0.6]), [0.6, 0.9], [0.75, 1.0, 1.25]).tolist() == [1.0]
-    # reference rule: relative score (negative minus current output), threshold 0 -> 0.75 / 1.25
+    # relative scores (negative minus current output), threshold 0 -> 0.75 / 1.25
     relative = torch.tensor([-0.1, 0.0, 0.3])
     assert difficulty_weights(relative, [0.0], [0.75, 1.25]).tolist() == [0.75, 1.25, 1.25]
 
 
 def test_difficulty_weights_follow_the_perceiver(perceiver):
     torch.manual_seed(0)
-    cfg = from_dict(PerceptualConfig, {"vgg": TINY_VGG, "tier_thresholds": [0.5], "tier_weights": [1.0, 2.0]})
+    cfg = from_dict(PerceptualConfig, {"vgg": TINY_VGG, "difficulty_rule": "perceiver", "tier_thresholds": [0.5],
+                                       "tier_weights": [1.0, 2.0]})
     loss = DifficultyAdaptivePerceptualLoss(cfg, perceiver)
     images = random_crops(HELD_OUT_PHOTOS, 3, 48, seed=5)
     scores = perceiver.quality_score(images).detach()
     for threshold in (scores.min().item() - 1e-3, scores.max().item() + 1e-3):
         loss.cfg.tier_thresholds = [threshold]
-        weights = loss.negative_weights(images, [images])[0]
+        weights = loss.negative_weights(images, images, [images])[0]
         assert weights.tolist() == [2.0 if s >= threshold else 1.0 for s in scores.tolist()]
 
 

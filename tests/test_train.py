@@ -15,7 +15,7 @@ from _train_fixtures import TINY_NAFNET_RESTORER, FolderTracker, build_tiny_shar
 from perceive_ir.config import ConfigError, from_dict
 from perceive_ir.data.pipeline import LoaderConfig, ShardSourceConfig
 from perceive_ir.degrade import DegradationConfig
-from perceive_ir.eval.validation import ValidationConfig
+from perceive_ir.eval.validation import HeldOutSet, ValidationConfig, mean_psnr
 from perceive_ir.losses import LossConfig
 from perceive_ir.models import PerceiverConfig, RestorerConfig
 from perceive_ir.train.config import EngineConfig, LoopConfig, OptimizerConfig
@@ -110,20 +110,31 @@ def test_stage1_products_feed_stage2_which_resumes_exactly(shards, tmp_path, mon
     loss_cfg = from_dict(LossConfig, {"l1": 0.0, "perceptual": {"name": "difficulty_adaptive_perceptual",
                                                                 "params": {"vgg": TINY_VGG}}})
 
+    initial_probe_psnr = []
+
     def stage2(run: str, **loop) -> tuple[FolderTracker, dict]:
         s2 = settings(shards, **loop)
         task = Stage2Task(restorer_cfg, loss_cfg, load_perceiver(perceiver_dir), medium_tier_generator(medium_dir),
                           s2.optimizer, s2.loop.max_steps)
+        initial_probe_psnr.append(mean_psnr(task.model.restore, HeldOutSet(s2.validation, shards)))
         tracker = FolderTracker(tmp_path / run)
         run_training(task, s2, LocalReporter(tmp_path / f"ck-{run}"), tracker, 0, 1, cpu)
         return tracker, task
 
     straight, _ = stage2("straight")
+    # L_dpl's reference rule: the probe PSNR is measured before step 1 and at each epoch start
+    # (3 batches per epoch: before step 4), and the loss's buffer holds it between.
+    probe = straight.metrics["train/probe_psnr"]
+    assert [s for s, _ in probe] == [1, 2, 3, 4]
+    assert probe[0][1] == probe[1][1] == probe[2][1] == pytest.approx(initial_probe_psnr[0], abs=1e-4)
+    assert math.isfinite(probe[3][1]) and probe[3][1] != probe[0][1]
     first, _ = stage2("resumed", stop_after_steps=2)
     assert not (tmp_path / "resumed/restorer").exists()  # stopped early: no final product yet
     again, _ = stage2("resumed")
     assert again.metrics["resumed_from_step"] == [(2, 2.0)]
     assert [s for s, _ in again.metrics["train/total"]] == [3, 4]
+    # resumed mid-epoch: step 3 uses the probe PSNR saved with the checkpoint, then epoch 1 measures
+    assert again.metrics["train/probe_psnr"] == probe[2:]
     for (sa, a), (sb, b) in zip(straight.metrics["train/total"][2:], again.metrics["train/total"]):
         assert sa == sb and math.isclose(a, b, rel_tol=1e-5), (sa, a, b)
     assert {"train/rec", "train/clip", "train/dpl", "train/quality_out"} <= set(straight.metrics)
@@ -155,6 +166,22 @@ def test_bad_inputs_name_what_and_where(tmp_path, s3_endpoint):
         load_config(Stage2Config, REPO / "configs/stage2_tiny.yaml", ["perceiver=x", "loop.max_stepz=3"])
     with pytest.raises(ConfigError, match="stage 2 needs 'perceiver'"):
         load_config(Stage2Config, REPO / "configs/stage2_tiny.yaml")
+    with pytest.raises(ConfigError, match="requires 'medium_tier' \\(require_medium_tier: true\\)"):
+        load_config(Stage2Config, REPO / "configs/stage2.yaml", ["perceiver=runs:/x/perceiver"])
+
+
+def test_stage2_without_medium_tier_warns_naming_the_setting():
+    import warnings
+
+    from perceive_ir.config import load_config
+    from perceive_ir.orchestration.config import Stage2Config
+
+    with pytest.warns(UserWarning, match="without 'medium_tier': L_dpl loses its hard negatives"):
+        load_config(Stage2Config, REPO / "configs/stage2_tiny.yaml", ["perceiver=x"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(Stage2Config, REPO / "configs/stage2_tiny.yaml", ["perceiver=x", "medium_tier=y"])
+        load_config(Stage2Config, REPO / "configs/stage2_tiny.yaml", ["perceiver=x", "loss.l3=0"])  # no L_dpl
 
 
 def test_full_profiles_validate_and_zero3_is_refused():
@@ -165,8 +192,10 @@ def test_full_profiles_validate_and_zero3_is_refused():
     assert stage1.loop.max_steps == stage1.restorer_steps + stage1.prompt_steps
     assert load_config(Stage1Config, REPO / "configs/stage1.yaml", ["medium_tier=runs:/x/medium_tier"]).loop.max_steps \
         == stage1.prompt_steps
-    stage2 = load_config(Stage2Config, REPO / "configs/stage2.yaml", ["perceiver=runs:/x/perceiver"])
+    stage2 = load_config(Stage2Config, REPO / "configs/stage2.yaml",
+                         ["perceiver=runs:/x/perceiver", "medium_tier=runs:/x/medium_tier"])
     assert stage2.ray.use_gpu and stage2.engine.precision == "auto"
+    assert stage2.require_medium_tier and stage2.loss.perceptual.params["difficulty_rule"] == "reference"
     with pytest.raises(ConfigError, match="ZeRO stage 3"):
         deepspeed_settings(EngineConfig(deepspeed_config=str(REPO / "configs/deepspeed/zero1.json"), zero_stage=3),
                            2, 1, torch.device("cpu"))

@@ -4,7 +4,8 @@ Clean crops come from a shard source: the ``images`` most textured of the first
 ``4 * images`` crops of a seeded, single-rank stream (flat crops, such as sky, would make the
 per-image PSNR of blur or haze meaningless); each validation type degrades all of them at one
 named level with the seeded engine.
-``evaluate`` scores input and output against the clean crops, per type.
+``evaluate`` scores input and output against the clean crops, per type; ``mean_psnr`` gives one
+number, the output PSNR over every pair (the probe of L_dpl's ``reference`` difficulty rule).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from perceive_ir.degrade import DegradationConfig, Degrader, Spec
 from perceive_ir.eval.metrics import psnr, ssim
 
-__all__ = ["ValidationConfig", "HeldOutSet", "evaluate"]
+__all__ = ["ValidationConfig", "HeldOutSet", "evaluate", "mean_psnr"]
 
 
 @dataclass
@@ -102,3 +103,10 @@ def evaluate(
     for key, total in sums.items():
         metrics[f"{prefix}/mean/{key}"] = total / len(held_out.items)
     return metrics, outputs
+
+
+@torch.no_grad()
+def mean_psnr(restore: Callable[[torch.Tensor], torch.Tensor], held_out: HeldOutSet) -> float:
+    """Mean PSNR of ``restore``'s outputs against the clean crops, over every type and image."""
+    values = [psnr(restore(degraded).float().clamp(0, 1), clean) for degraded, clean in held_out.items.values()]
+    return torch.cat(values).mean().item()

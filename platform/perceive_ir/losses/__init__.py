@@ -3,7 +3,12 @@
 from perceive_ir.losses.clip_quality import ClipQualityConfig, ClipQualityLoss
 from perceive_ir.losses.combined import LOSSES, LossConfig, Stage2Loss
 from perceive_ir.losses.contrast import ContrastConfig, DegradationContrastLoss, gather_with_grad
-from perceive_ir.losses.perceptual import DifficultyAdaptivePerceptualLoss, PerceptualConfig, difficulty_weights
+from perceive_ir.losses.perceptual import (
+    DifficultyAdaptivePerceptualLoss,
+    PerceptualConfig,
+    difficulty_weights,
+    reference_weights,
+)
 from perceive_ir.losses.reconstruction import ReconstructionLoss
 
 __all__ = [
@@ -19,4 +24,5 @@ __all__ = [
     "Stage2Loss",
     "difficulty_weights",
     "gather_with_grad",
+    "reference_weights",
 ]

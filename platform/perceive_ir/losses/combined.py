@@ -75,6 +75,8 @@ class Stage2Loss(nn.Module):
     ``medium``: medium-tier outputs (one tensor or a list), extra negatives of L_dpl.
     ``codes``: (anchor codes, positive codes, degradation types) for L_cl; without them (a
     restorer without CFE) the term is left out. Terms with weight 0 are not computed.
+    ``cl_no_negative_frac`` (logged, detached, not part of the total): the share of L_cl's anchors
+    that had no negative in the global batch.
     """
 
     def __init__(self, cfg: LossConfig, perceiver: nn.Module | None = None) -> None:
@@ -96,7 +98,7 @@ class Stage2Loss(nn.Module):
         terms = {"rec": self.reconstruction(restored, target)}
         total = terms["rec"]
         if self.contrast is not None and codes is not None:
-            terms["cl"] = self.contrast(*codes)
+            terms["cl"], terms["cl_no_negative_frac"] = self.contrast(*codes)
             total = total + self.cfg.l1 * terms["cl"]
         if self.quality is not None:
             terms["clip"] = self.quality(restored)

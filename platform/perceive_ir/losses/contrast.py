@@ -8,6 +8,11 @@ every sample in the global batch whose degradation type differs from sample i's:
 
 Codes are L2-normalised. Under torch.distributed the keys are gathered from every rank; the
 local slice keeps its gradient.
+
+An anchor without a negative (no sample of another type in the global batch: a batch of one
+type) has nothing to contrast with: it is left out of the mean, and the loss returns the fraction
+of such anchors next to its value. With no anchor left the loss is 0, still a function of the
+codes, so every CFE parameter gets a (zero) gradient, as DeepSpeed's collectives expect.
 """
 
 from __future__ import annotations
@@ -47,8 +52,10 @@ class DegradationContrastLoss(nn.Module):
         super().__init__()
         self.cfg = cfg or ContrastConfig()
 
-    def forward(self, anchor: torch.Tensor, positive: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
-        """``anchor``/``positive``: B x D codes; ``types``: B integer degradation labels."""
+    def forward(self, anchor: torch.Tensor, positive: torch.Tensor,
+                types: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``anchor``/``positive``: B x D codes; ``types``: B integer degradation labels.
+        Returns (loss, fraction of anchors without a negative (detached))."""
         anchor, positive = F.normalize(anchor, dim=-1), F.normalize(positive, dim=-1)
         if self.cfg.gather:
             all_anchor, all_positive = gather_with_grad(anchor), gather_with_grad(positive)
@@ -63,4 +70,9 @@ class DegradationContrastLoss(nn.Module):
         different = types[:, None] != key_types[None, :]
         neg_logits = neg_logits.masked_fill(~different, float("-inf"))
         logits = torch.cat([pos_logit, neg_logits], dim=1)
-        return -(pos_logit.squeeze(1) - torch.logsumexp(logits, dim=1)).mean()
+        per_anchor = torch.logsumexp(logits, dim=1) - pos_logit.squeeze(1)
+        has_negative = different.any(dim=1)
+        counted = has_negative.sum()
+        loss = torch.where(has_negative, per_anchor, 0.0).sum() / counted.clamp_min(1)
+        no_negative_frac = 1 - counted.float() / has_negative.numel()
+        return loss, no_negative_frac.detach()

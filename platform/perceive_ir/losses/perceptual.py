@@ -3,31 +3,47 @@
     L = mean_b sum_l w_l * D_l(R_b, G_b) / (sum_n a_{n,b} * D_l(R_b, N_{n,b}) + eps)
 
 with D_l the mean absolute difference of layer-l features, R the restored image (anchor), G the
-ground truth (positive) and N_n the negatives: the degraded input (easy) and the medium-tier
-outputs (hard). The difficulty weight a_{n,b} comes from the perceiver: each negative gets a
-quality score s; with ``difficulty_reference: relative`` s is taken minus the current output's
-score. Thresholds t_1 < ... < t_{T-1} split scores into T tiers (tier = number of thresholds <= s)
-and tier k weighs ``tier_weights[k]``. The reference rule (1.25 for a negative at least as good as
-the current output, else 0.75) is ``relative`` with thresholds [0.0] and weights [0.75, 1.25].
+ground truth (positive) and N_n the negatives: N_0 the degraded input (easy), N_1.. the
+medium-tier outputs (hard). Two rules set the difficulty weights a_{n,b} (``difficulty_rule``):
+
+- ``reference`` (the paper's public re-implementation): the degraded input weighs
+  ``degraded_weight`` (2); a medium-tier negative weighs ``hard_weight`` (1.25) when its PSNR
+  against the ground truth is at or below ``probe_psnr``, the current model's mean PSNR on a fixed
+  probe set (measured by the training loop at the start of each epoch), else ``easy_weight`` (0.75).
+  ``probe_psnr`` is a buffer: it follows the module's device and is saved in checkpoints. Until a
+  first measurement it is +inf, so every medium-tier negative counts as hard; the loop measures
+  before step 1, so only a forward outside the loop sees that.
+- ``perceiver`` (this project's definition): the stage-1 perceiver scores every negative,
+  degraded input included; with ``difficulty_reference: relative`` the score is taken minus the
+  current output's score. Thresholds t_1 < ... < t_{T-1} split scores into T tiers (tier = number
+  of thresholds <= score) and tier k weighs ``tier_weights[k]``. Without a perceiver all weigh 1.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal, Sequence
 
 import torch
 from torch import nn
 
+from perceive_ir.eval.metrics import psnr
 from perceive_ir.models.vgg_features import VGGConfig, VGGFeatures
 
-__all__ = ["PerceptualConfig", "DifficultyAdaptivePerceptualLoss", "difficulty_weights"]
+__all__ = ["PerceptualConfig", "DifficultyAdaptivePerceptualLoss", "difficulty_weights", "reference_weights"]
 
 
 @dataclasses.dataclass
 class PerceptualConfig:
     vgg: VGGConfig = dataclasses.field(default_factory=VGGConfig)
     layer_weights: list[float] = dataclasses.field(default_factory=lambda: [1 / 12, 1 / 6, 1 / 3, 1.0])
+    difficulty_rule: Literal["reference", "perceiver"] = "reference"
+    # rule "reference"
+    hard_weight: float = 1.25  # a medium-tier negative at or below the probe PSNR
+    easy_weight: float = 0.75  # a medium-tier negative above it
+    degraded_weight: float = 2.0  # the degraded input, always
+    # rule "perceiver"
     tier_thresholds: list[float] = dataclasses.field(default_factory=lambda: [1 / 3, 2 / 3])
     tier_weights: list[float] = dataclasses.field(default_factory=lambda: [0.75, 1.0, 1.25])
     difficulty_reference: Literal["absolute", "relative"] = "absolute"
@@ -36,6 +52,11 @@ class PerceptualConfig:
     def __post_init__(self) -> None:
         if len(self.layer_weights) != len(self.vgg.layers):
             raise ValueError(f"{len(self.layer_weights)} layer_weights for {len(self.vgg.layers)} VGG layers")
+        if self.difficulty_rule not in ("reference", "perceiver"):
+            raise ValueError(f"difficulty_rule must be 'reference' or 'perceiver', got '{self.difficulty_rule}'")
+        for name in ("hard_weight", "easy_weight", "degraded_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if len(self.tier_weights) != len(self.tier_thresholds) + 1:
             raise ValueError("tier_weights needs one more entry than tier_thresholds")
         if sorted(self.tier_thresholds) != list(self.tier_thresholds):
@@ -43,10 +64,18 @@ class PerceptualConfig:
 
 
 def difficulty_weights(scores: torch.Tensor, thresholds: Sequence[float], weights: Sequence[float]) -> torch.Tensor:
-    """Per-score weight: tier = number of thresholds <= score; returns ``weights[tier]``."""
+    """Rule ``perceiver``: tier = number of thresholds <= score; returns ``weights[tier]``."""
     bounds = torch.tensor(list(thresholds), dtype=scores.dtype, device=scores.device)
     tiers = torch.bucketize(scores, bounds, right=True)
     return torch.tensor(list(weights), dtype=scores.dtype, device=scores.device)[tiers]
+
+
+def reference_weights(medium_psnr: torch.Tensor, probe_psnr: torch.Tensor, hard: float = 1.25,
+                      easy: float = 0.75, degraded: float = 2.0) -> torch.Tensor:
+    """Rule ``reference``: M x B PSNRs of the medium-tier negatives -> (1 + M) x B weights, row 0
+    the degraded input's (``degraded``), then ``hard`` where PSNR <= ``probe_psnr`` else ``easy``."""
+    medium = torch.where(medium_psnr <= probe_psnr, hard, easy).to(medium_psnr.dtype)
+    return torch.cat([medium_psnr.new_full((1, medium_psnr.shape[1]), degraded), medium])
 
 
 def _distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -59,10 +88,25 @@ class DifficultyAdaptivePerceptualLoss(nn.Module):
         self.cfg = cfg
         self.vgg = vgg if vgg is not None else VGGFeatures(cfg.vgg)
         self.perceiver = perceiver.requires_grad_(False) if perceiver is not None else None
+        if self.uses_probe:
+            self.register_buffer("probe_psnr", torch.full((1,), math.inf))
+
+    @property
+    def uses_probe(self) -> bool:
+        """Whether the weights need the current model's probe PSNR (rule ``reference``)."""
+        return self.cfg.difficulty_rule == "reference"
 
     @torch.no_grad()
-    def negative_weights(self, restored: torch.Tensor, negatives: Sequence[torch.Tensor]) -> torch.Tensor:
-        """N x B difficulty weights (all 1 without a perceiver)."""
+    def negative_weights(self, restored: torch.Tensor, target: torch.Tensor,
+                         negatives: Sequence[torch.Tensor]) -> torch.Tensor:
+        """N x B difficulty weights; ``negatives[0]`` is the degraded input."""
+        if self.uses_probe:
+            medium = [psnr(n.clamp(0, 1), target.clamp(0, 1)) for n in negatives[1:]]
+            medium_psnr = torch.stack(medium) if medium else target.new_zeros(0, target.shape[0], dtype=torch.float32)
+            cfg = self.cfg
+            weights = reference_weights(medium_psnr, self.probe_psnr.float(), cfg.hard_weight, cfg.easy_weight,
+                                        cfg.degraded_weight)
+            return weights.to(restored.dtype)
         if self.perceiver is None:
             return torch.ones(len(negatives), restored.shape[0], device=restored.device, dtype=restored.dtype)
         scores = torch.stack([self.perceiver.quality_score(n.clamp(0, 1)) for n in negatives])
@@ -78,7 +122,7 @@ class DifficultyAdaptivePerceptualLoss(nn.Module):
         weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if weights is None:
-            weights = self.negative_weights(restored, negatives)
+            weights = self.negative_weights(restored, target, negatives)
         anchor = self.vgg(restored)
         with torch.no_grad():
             positive = self.vgg(target)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -96,12 +97,25 @@ class Stage1Config(JobConfig):
 
 @dataclass
 class Stage2Config(JobConfig):
+    """Stage 2. Without ``medium_tier`` L_dpl has only the degraded input as a negative (no hard
+    negatives): a warning says so, and ``require_medium_tier`` (the paper profile) refuses it."""
+
     restorer: RestorerConfig = field(default_factory=RestorerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     perceiver: str = ""  # the stage-1 perceiver: a folder or an MLflow URI (runs:/<id>/perceiver, models:/...)
     medium_tier: Optional[str] = None  # the stage-1 fold restorers (hard negatives of L_dpl)
+    require_medium_tier: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.perceiver:
             raise ValueError("stage 2 needs 'perceiver': the stage-1 product (a folder or runs:/<id>/perceiver)")
+        if self.medium_tier:
+            return
+        if self.require_medium_tier:
+            raise ValueError("this profile requires 'medium_tier' (require_medium_tier: true): the stage-1 fold "
+                             "restorers (a folder or runs:/<id>/medium_tier) give L_dpl its hard negatives")
+        if self.loss.l3:
+            warnings.warn("stage 2 without 'medium_tier': L_dpl loses its hard negatives (the medium-tier outputs) "
+                          "and contrasts against the degraded input only; set medium_tier=runs:/<stage-1 run>/"
+                          "medium_tier", UserWarning, stacklevel=2)

@@ -4,6 +4,10 @@ It knows nothing of Ray: checkpoints go through a :class:`Reporter` (Ray's ``tra
 the orchestration package, a local folder in tests) and metrics through a tracker (MLflow on
 rank 0, ``None`` elsewhere). Each rank calls the reporter at the same steps, as the collective
 checkpoint requires.
+
+At the start of every epoch (and once after a resume, mid-epoch or not) every rank calls
+``task.on_epoch_start(engine, epoch, probe, resumed_mid_epoch)``; ``probe`` measures the model on
+the fixed held-out set and gives every rank the same number (see :class:`ProbeSet`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager, Optional, Protocol
+from typing import Any, Callable, ContextManager, Optional, Protocol
 
 import numpy as np
 import torch
@@ -25,7 +29,7 @@ import torch
 from perceive_ir.data.pipeline import LoaderConfig, build_loader
 from perceive_ir.degrade import DegradationConfig, Degrader
 from perceive_ir.eval.grid import save_grid
-from perceive_ir.eval.validation import HeldOutSet, ValidationConfig
+from perceive_ir.eval.validation import HeldOutSet, ValidationConfig, mean_psnr
 from perceive_ir.train.config import EngineConfig, LoopConfig, OptimizerConfig
 from perceive_ir.train.engine import build_engine, deepspeed_settings, resolve_precision
 from perceive_ir.train.state import CHECKPOINT_TAG, TrainState, load_state, save_state
@@ -33,7 +37,7 @@ from perceive_ir.train.steps import DegradedBatch, synthesize
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainingSettings", "Reporter", "Tracker", "LocalReporter", "run_training"]
+__all__ = ["TrainingSettings", "Reporter", "Tracker", "LocalReporter", "ProbeSet", "run_training"]
 
 
 @dataclass
@@ -83,6 +87,24 @@ class LocalReporter:
             shutil.rmtree(old)
 
 
+class ProbeSet:
+    """The fixed probe set: the validation pairs (seeded, the same at every epoch), held by rank 0.
+
+    ``measure`` is collective: rank 0 writes its model's mean output PSNR into ``into`` and every
+    other rank receives that value by broadcast, so all ranks hold the same number. Every rank
+    must call it at the same point.
+    """
+
+    def __init__(self, held_out: HeldOutSet | None, world_size: int) -> None:
+        self.held_out, self.world_size = held_out, world_size
+
+    def measure(self, restore: Callable[[torch.Tensor], torch.Tensor], into: torch.Tensor) -> None:
+        if self.held_out is not None:
+            into.fill_(mean_psnr(restore, self.held_out))
+        if self.world_size > 1:
+            torch.distributed.broadcast(into, src=0)
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -120,6 +142,7 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
     if rank == 0:
         held_out = HeldOutSet(settings.validation, settings.loader.sources[0].location,
                               settings.loader.storage_options).to(device)
+    probe = ProbeSet(held_out, world_size)
     batches_per_epoch = len(build_loader(settings.loader, rank, world_size))
     accumulation = settings.engine.gradient_accumulation_steps
     samples_per_step = settings.loader.batch_size * accumulation * world_size
@@ -151,6 +174,7 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
     engine.train()
     while state.step < last:
         epoch, start = divmod(state.micro_batches, batches_per_epoch)
+        task.on_epoch_start(engine, epoch, probe, resumed_mid_epoch=start > 0)
         for batch in build_loader(settings.loader, rank, world_size, epoch, start):
             window["skipped"] += int(batch["skipped"])
             degraded: DegradedBatch = synthesize(degrader, batch, epoch, device, dtype)

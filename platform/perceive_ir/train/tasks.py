@@ -45,13 +45,36 @@ class Stage2Task:
         self._last_restored = restored.detach()
         return terms
 
+    def _probed_loss(self) -> Optional[torch.nn.Module]:
+        """L_dpl when its difficulty rule needs the probe PSNR (rule ``reference``), else None."""
+        perceptual = getattr(self.model.loss, "perceptual", None)
+        return perceptual if perceptual is not None and perceptual.uses_probe else None
+
+    def on_epoch_start(self, engine, epoch: int, probe, resumed_mid_epoch: bool) -> None:
+        """Measure the current model's probe PSNR for L_dpl (collective: every rank calls it).
+        After a resume mid-epoch the value saved with the checkpoint stays, as in an unbroken run."""
+        perceptual = self._probed_loss()
+        if perceptual is None or resumed_mid_epoch:
+            return
+        module = engine.module
+        dtype = _dtype(module.restorer)
+        engine.eval()
+        try:
+            probe.measure(lambda x: module.restore(x.to(dtype)), into=perceptual.probe_psnr)
+        finally:
+            engine.train()
+
     @torch.no_grad()
     def live_metrics(self) -> dict[str, float]:
-        """The perceiver's no-reference score of the latest training outputs."""
-        if self._last_restored is None:
-            return {}
-        score = self.perceiver.quality_score(self._last_restored.clamp(0, 1))
-        return {"train/quality_out": float(score.float().mean())}
+        """The perceiver's no-reference score of the latest training outputs, and the probe PSNR."""
+        metrics = {}
+        perceptual = self._probed_loss()
+        if perceptual is not None:
+            metrics["train/probe_psnr"] = float(perceptual.probe_psnr)
+        if self._last_restored is not None:
+            score = self.perceiver.quality_score(self._last_restored.clamp(0, 1))
+            metrics["train/quality_out"] = float(score.float().mean())
+        return metrics
 
     def validate(self, module: Stage2Model, held_out: HeldOutSet):
         dtype = _dtype(module.restorer)
@@ -96,6 +119,9 @@ class Stage1Task:
 
     def compute(self, engine, batch: DegradedBatch, step: int) -> dict[str, torch.Tensor]:
         return engine(batch.degraded, batch.clean, batch.clean_ids, self.phase(step))
+
+    def on_epoch_start(self, engine, epoch: int, probe, resumed_mid_epoch: bool) -> None:
+        pass
 
     def live_metrics(self) -> dict[str, float]:
         return {}
