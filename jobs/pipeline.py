@@ -8,7 +8,9 @@ work folder, builds tiled WebDataset shards from them, verifies the shards again
 manifest and streams training batches (random crops and flips) with the loader, printing
 throughput. It then runs the stage-1 job (hold-out restorers, perceiver prompts) and the
 stage-2 job (the restorer with the quality-aware losses, taking the stage-1 products from
-MLflow), and prints validation PSNR/SSIM per degradation type, input against output.
+MLflow), and prints validation PSNR/SSIM per degradation type, input against output. It ends
+with the benchmark protocol (jobs/evaluate.py) on the stage-2 restorer: full test images of a small
+suite (configs/eval/quickstart.yaml), its table and where the severity curves are.
 Everything it writes stays under ``workdir`` (checkpoints, the MLflow SQLite file unless
 MLFLOW_TRACKING_URI is set); rerunning reuses finished shards and finished runs.
 """
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-for entry in (REPO / "platform", REPO):  # run unchanged from a plain checkout (ray job submit)
+for entry in (REPO / "platform", REPO, REPO / "jobs"):  # run unchanged from a plain checkout (ray job submit)
     if str(entry) not in sys.path:
         sys.path.insert(0, str(entry))
 
@@ -51,6 +53,10 @@ class PipelineConfig:
     stage2_config: str = "configs/stage2_tiny.yaml"
     run_prefix: str = "quickstart"  # run names: <prefix>-stage1, <prefix>-stage2 (a rerun continues them)
     train_overrides: list[str] = field(default_factory=list)  # key=value for both stage configs
+    stage2_overrides: list[str] = field(default_factory=list)  # key=value for the stage-2 config only
+    evaluate: bool = True  # score the stage-2 restorer on the evaluation suite after training
+    eval_config: str = "configs/eval/quickstart.yaml"
+    eval_overrides: list[str] = field(default_factory=list)  # key=value for the evaluation suite
 
 
 def run_data_stage(cfg: PipelineConfig) -> str:
@@ -111,11 +117,32 @@ def train(cfg: PipelineConfig, shards: str) -> None:
           f"{time.perf_counter() - start:.0f} s; MLflow run {stage1.run_id} ({stage1.tracking_uri})")
     start = time.perf_counter()
     stage2_cfg = load_config(Stage2Config, REPO / cfg.stage2_config, _stage_overrides(cfg, shards, "stage2") + [
-        f"perceiver=runs:/{stage1.run_id}/perceiver", f"medium_tier=runs:/{stage1.run_id}/medium_tier"])
+        f"perceiver=runs:/{stage1.run_id}/perceiver", f"medium_tier=runs:/{stage1.run_id}/medium_tier",
+        *cfg.stage2_overrides])
     stage2 = launch("stage2", stage2_cfg, working_dir=REPO)
     print(f"[5/5] stage 2: {stage2_cfg.loop.max_steps} steps in {time.perf_counter() - start:.0f} s; "
           f"MLflow run {stage2.run_id}")
     print_validation_table(stage2.tracking_uri, stage2.run_id, stage2_cfg.data.validation.types)
+    if cfg.evaluate:
+        evaluate(cfg, stage2.tracking_uri, stage2.run_id)
+
+
+def evaluate(cfg: PipelineConfig, tracking_uri: str, run_id: str) -> None:
+    """The stage-2 restorer on the quickstart suite, as jobs/evaluate.py would score it."""
+    from perceive_ir.eval.protocol import EvalConfig, run_evaluation
+
+    from evaluate import print_result
+
+    eval_cfg = load_config(EvalConfig, REPO / cfg.eval_config, [
+        f"model=runs:/{run_id}/restorer", f"tracking.uri={tracking_uri}",
+        f"output={Path(cfg.workdir).resolve() / 'eval'}", *cfg.eval_overrides])
+    if "://" not in eval_cfg.data_root and not Path(eval_cfg.data_root).is_absolute():
+        eval_cfg.data_root = str(REPO / eval_cfg.data_root)  # the suite's datasets sit beside the repository
+    start = time.perf_counter()
+    result = run_evaluation(eval_cfg, working_dir=REPO)
+    print(f"\nEvaluation of the stage-2 restorer on suite '{eval_cfg.name}' (full images, fp32, "
+          f"{len(result.records)} images in {time.perf_counter() - start:.0f} s):")
+    print_result(result)
 
 
 def print_validation_table(tracking_uri: str, run_id: str, types: list[str]) -> None:

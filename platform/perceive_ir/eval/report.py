@@ -86,8 +86,8 @@ def write_records(records: Sequence[Record], path: str | Path) -> Path:
 
 
 def severity_plot(rows: Sequence[Row], path: str | Path, title: str = "") -> Path | None:
-    """PSNR against severity, one panel per synthetic set, one colour per type: output solid, input dashed.
-    None when no set has a synthetic degradation."""
+    """PSNR against severity, one panel per synthetic set that sweeps severities, one colour per type:
+    output solid, input dashed. None when no set has a synthetic degradation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,6 +99,9 @@ def severity_plot(rows: Sequence[Row], path: str | Path, title: str = "") -> Pat
             curves.setdefault(r.set, {}).setdefault(r.type, []).append(r)
     if not curves:
         return None
+    # A set with one severity per type has points, not curves: it is left out when another set sweeps.
+    sweeps = {name: types for name, types in curves.items() if any(len(m) > 1 for m in types.values())}
+    curves = sweeps or curves
     fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4.2), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (name, types) in zip(axes[0], curves.items()):
