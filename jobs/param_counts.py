@@ -34,7 +34,6 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", nargs="*", default=[str(REPO / "configs/models" / c) for c in DEFAULT_CONFIGS])
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     rows = []
     for path in args.config:
         cfg = load_config(RestorerConfig, path)

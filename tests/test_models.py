@@ -26,6 +26,12 @@ from perceive_ir.registry import ComponentSpec
 BACKBONES = {"restormer": TINY_RESTORMER, "nafnet": TINY_NAFNET}
 
 
+def randomise_output_layer(backbone) -> None:
+    """Restorers start as input + (almost) 0; a random output projection makes the residual visible."""
+    last = backbone.ending if hasattr(backbone, "ending") else backbone.output
+    torch.nn.init.normal_(last.weight, std=0.05)
+
+
 def tiny_restorer(backbone: str, conditioned: bool):
     cond = ComponentSpec("perceive_ir", TINY_CONDITIONING) if conditioned else ComponentSpec("none")
     return RestorerConfig(backbone=ComponentSpec(backbone, BACKBONES[backbone]), conditioning=cond).build()
@@ -52,6 +58,7 @@ def test_conditioning_attaches_through_decoder_hooks(backbone):
     torch.manual_seed(0)
     net = tiny_restorer(backbone, conditioned=True)
     assert isinstance(net, ConditionedRestorer)
+    randomise_output_layer(net.backbone)
     x = random_crops(HELD_OUT_PHOTOS, 2, 32, seed=1)
     with torch.no_grad():
         plain = net.backbone(x)  # the backbone alone, hooks inactive
@@ -123,6 +130,7 @@ def perceiver(tmp_path_factory):
 def test_stage2_training_lowers_held_out_l1(backbone, conditioned, perceiver):
     torch.manual_seed(0)
     net = tiny_restorer(backbone, conditioned)
+    randomise_output_layer(net.backbone if conditioned else net)
     loss_fn = from_dict(
         LossConfig, {"perceptual": {"name": "difficulty_adaptive_perceptual", "params": {"vgg": TINY_VGG}}}
     ).build(perceiver)

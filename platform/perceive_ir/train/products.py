@@ -22,6 +22,8 @@ from torch import nn
 
 from perceive_ir.config import from_dict, to_dict
 from perceive_ir.models import MediumTierGenerator, PerceiverConfig, QualityPerceiver, RestorerConfig
+from perceive_ir import weights
+from perceive_ir.models.clip_backend import CLIP_FILES
 from perceive_ir.models.medium_tier import FOLD_RULE
 
 log = logging.getLogger(__name__)
@@ -139,8 +141,10 @@ def medium_tier_generator(directory: str | Path) -> MediumTierGenerator:
 
 def save_perceiver(perceiver: QualityPerceiver, cfg: PerceiverConfig, directory: str | Path) -> Path:
     directory = Path(perceiver.save(directory))
-    if cfg.clip_weights:
-        shutil.copyfile(cfg.clip_weights, directory / "clip.safetensors")
+    if cfg.clip_weights:  # a file or a hub folder: copy the weight file it resolves to (same sha256)
+        source = weights.resolve(what=f"CLIP {cfg.architecture}", config_key="perceiver.clip_weights",
+                                 local_file=cfg.clip_weights, hub_name=None, folder_files=CLIP_FILES)
+        shutil.copyfile(source.path, directory / "clip.safetensors")
     if cfg.arch_config:  # open_clip names an architecture after its JSON file
         (directory / "arch").mkdir(exist_ok=True)
         shutil.copyfile(cfg.arch_config, directory / "arch" / f"{cfg.architecture}.json")
