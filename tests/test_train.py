@@ -3,6 +3,7 @@ engine (one process, gloo) with exact resume from a checkpoint."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -122,6 +123,10 @@ def test_stage1_products_feed_stage2_which_resumes_exactly(shards, tmp_path, mon
         return tracker, task
 
     straight, _ = stage2("straight")
+    from perceive_ir.weights import sha256_file
+
+    identities = json.loads((tmp_path / "straight/weights/weight_identities.json").read_text())
+    assert list(identities.values()) == [sha256_file(perceiver_dir / "clip.safetensors")]  # the perceiver's CLIP
     # L_dpl's reference rule: the probe PSNR is measured before step 1 and at each epoch start
     # (3 batches per epoch: before step 4), and the loss's buffer holds it between.
     probe = straight.metrics["train/probe_psnr"]

@@ -339,6 +339,9 @@ def test_torchvision_vgg16_pth_loads_into_the_perceptual_features(tmp_path):
 
     vgg = VGGFeatures(VGGConfig(weights=str(path)))
     assert vgg.weights_sha256 == sha256_file(path)
+    from perceive_ir.weights import weight_identities
+
+    assert weight_identities(torch.nn.ModuleDict({"perceptual": vgg})) == {"perceptual": sha256_file(path)}
     kept = len(vgg.features)
     assert_same_tensors(vgg.features.state_dict(), features[:kept].state_dict())
     image = photo("astronaut")[None, :, :64, :64]

@@ -41,6 +41,7 @@ __all__ = [
     "sha256_file",
     "read_state_dict",
     "hf_cached_file",
+    "weight_identities",
 ]
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -225,3 +226,14 @@ def load_exact(
             f"{what}: '{path}' (from '{config_key}') does not hold {expected}; " + "; ".join(problems)
         )
     module.load_state_dict(state, strict=True)
+
+
+def weight_identities(model: torch.nn.Module) -> dict[str, str]:
+    """Submodule name -> sha256 of the local weight file it was loaded from (frozen DINOv2, VGG-16,
+    the perceiver's CLIP): what a run was trained against. Modules with hub or random weights are left out."""
+    found = {}
+    for name, sub in model.named_modules():
+        sha = getattr(sub, "weights_sha256", None) or getattr(getattr(sub, "identity", None), "weights_sha256", None)
+        if isinstance(sha, str) and sha:
+            found[name or "<model>"] = sha
+    return found

@@ -13,6 +13,7 @@ the fixed held-out set and gives every rank the same number (see :class:`ProbeSe
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -34,6 +35,7 @@ from perceive_ir.train.config import EngineConfig, LoopConfig, OptimizerConfig
 from perceive_ir.train.engine import build_engine, deepspeed_settings, resolve_precision
 from perceive_ir.train.state import CHECKPOINT_TAG, TrainState, load_state, save_state
 from perceive_ir.train.steps import DegradedBatch, synthesize
+from perceive_ir.weights import weight_identities
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,8 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
     resumed_from = state.step
     if tracker is not None and checkpoint is not None:
         tracker.log_metrics({"resumed_from_step": float(resumed_from)}, step=state.step)
+    if tracker is not None:
+        _log_weight_identities(task.model, tracker)
 
     degrader = Degrader(settings.degradation)
     held_out = None
@@ -228,6 +232,17 @@ def _validate(task, engine, held_out: HeldOutSet, tracker: Tracker | None, state
         with tempfile.TemporaryDirectory(prefix="grid-") as folder:
             grid = save_grid(Path(folder) / f"validation_step{state.step:08d}.png", held_out, outputs)
             tracker.log_file(grid, "validation_grids")
+
+
+def _log_weight_identities(model: torch.nn.Module, tracker: Tracker) -> None:
+    """``weights/weight_identities.json``: the sha256 of every pretrained file the model was built from."""
+    identities = weight_identities(model)
+    if not identities:
+        return
+    with tempfile.TemporaryDirectory(prefix="weights-") as folder:
+        path = Path(folder) / "weight_identities.json"
+        path.write_text(json.dumps(identities, indent=2, sort_keys=True))
+        tracker.log_file(path, "weights")
 
 
 def _maybe_fail(cfg: LoopConfig, step: int, rank: int) -> None:
