@@ -63,11 +63,16 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 @lru_cache(maxsize=None)
 def image_size(item: Item) -> tuple[int, int]:
-    """(H, W) of an item's clean image (the file's header only, except inside shards)."""
-    if item.shard is not None:
-        return read_image(item.clean, item.shard).shape[:2]
+    """(H, W) of an item's clean image, from the image header: nothing is decoded."""
+    import io
+
     from PIL import Image
 
+    if item.shard is not None:
+        from perceive_ir.eval.shard_sets import read_member
+
+        with Image.open(io.BytesIO(read_member(item.shard, item.clean))) as img:
+            return img.size[::-1]
     with open_url(item.clean, "rb") as f, Image.open(f) as img:
         return img.size[::-1]
 

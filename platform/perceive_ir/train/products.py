@@ -42,29 +42,16 @@ __all__ = [
 _URI_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 
 
-def _model_source(location: str, tracking_uri: str | None) -> str:
-    """``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` -> the artifact URI it was registered from
-    (the registry is the tracking store here)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    ref = location[len("models:/"):]
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        version = client.get_model_version_by_alias(name, alias)
-    else:
-        name, _, number = ref.partition("/")
-        version = client.get_model_version(name, number)
-    return version.source
-
-
 def resolve_product(location: str, what: str, config_key: str, tracking_uri: str | None = None) -> Path:
     """A local folder for ``location`` (a path, or an MLflow URI that is downloaded)."""
     if location.startswith(_URI_SCHEMES):
         import mlflow
 
+        from perceive_ir.tracking.evaluation import registered_version
+
         try:
-            uri = _model_source(location, tracking_uri) if location.startswith("models:/") else location
+            # a registered version -> the artifact URI it was registered from (the registry is the tracking store)
+            uri = registered_version(location, tracking_uri).source if location.startswith("models:/") else location
             local = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri,
                                                         dst_path=tempfile.mkdtemp(prefix="product-"))
         except Exception as err:  # noqa: BLE001 - MLflow raises several types; name the URI
