@@ -119,6 +119,15 @@ def report_source_shares(cfg: JobConfig, tracker: RunTracker, working_dir: Optio
 PRODUCTS = {"stage1": ("perceiver", "medium_tier"), "stage2": ("restorer",)}
 
 
+def register_products(stage: str, cfg: JobConfig, tracker: RunTracker) -> dict[str, str]:
+    """Register the stage's products as versions of ``<register_as>-<product>``; returns their URIs."""
+    uris = {}
+    for product in PRODUCTS[stage]:
+        uris[product] = tracker.register(product, f"{cfg.tracking.register_as}-{product.replace('_', '-')}")
+        log.info("%s registered as %s", product, uris[product])
+    return uris
+
+
 class JobResult:
     def __init__(self, run_id: str, tracking_uri: str, result: Any) -> None:
         self.run_id, self.tracking_uri, self.result = run_id, tracking_uri, result
@@ -149,8 +158,6 @@ def launch(stage: str, cfg: JobConfig, working_dir: Optional[Path] = None) -> Jo
         raise
     stopped_early = cfg.loop.stop_after_steps is not None and cfg.loop.stop_after_steps < cfg.loop.max_steps
     if cfg.tracking.register_as and not stopped_early:
-        for product in PRODUCTS[stage]:
-            uri = tracker.register(product, f"{cfg.tracking.register_as}-{product.replace('_', '-')}")
-            log.info("%s registered as %s", product, uri)
+        register_products(stage, cfg, tracker)
     tracker.finish("KILLED" if stopped_early else "FINISHED")
     return JobResult(run_id, tracking_uri, result)

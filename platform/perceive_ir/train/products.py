@@ -45,22 +45,32 @@ _URI_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 def resolve_product(location: str, what: str, config_key: str, tracking_uri: str | None = None) -> Path:
     """A local folder for ``location`` (a path, or an MLflow URI that is downloaded)."""
     if location.startswith(_URI_SCHEMES):
-        import mlflow
-
-        from perceive_ir.tracking.evaluation import registered_version
-
         try:
-            # a registered version -> the artifact URI it was registered from (the registry is the tracking store)
-            uri = registered_version(location, tracking_uri).source if location.startswith("models:/") else location
-            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri,
-                                                        dst_path=tempfile.mkdtemp(prefix="product-"))
+            local = _download(location, tracking_uri)
         except Exception as err:  # noqa: BLE001 - MLflow raises several types; name the URI
             raise FileNotFoundError(f"{what}: cannot download '{location}' (from '{config_key}'): {err}") from None
-        return Path(local)
+        return _product_root(local)
     path = Path(location).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"{what}: folder '{path}' (from '{config_key}') does not exist")
-    return path
+    return _product_root(path)
+
+
+def _download(location: str, tracking_uri: str | None) -> Path:
+    """The files behind an MLflow URI, in a local folder."""
+    import mlflow
+
+    from perceive_ir.tracking.evaluation import registered_version
+
+    # a registered version -> the artifact URI it was registered from (the registry is the tracking store)
+    uri = registered_version(location, tracking_uri).source if location.startswith("models:/") else location
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri,
+                                                    dst_path=tempfile.mkdtemp(prefix="product-")))
+
+
+def _product_root(folder: Path) -> Path:
+    """The product's own files inside ``folder``."""
+    return folder
 
 
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
