@@ -72,7 +72,8 @@ def connect(settings: RaySettings, working_dir: Optional[Path]) -> None:
     ray.init(**kwargs)
 
 
-def build_trainer(cfg: JobConfig, payload: dict[str, Any]):
+def build_trainer(cfg: JobConfig, payload: dict[str, Any], callbacks: Optional[list] = None):
+    """``callbacks``: extra Ray Train callbacks of the run (e.g. reporting to an enclosing Tune trial)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -92,6 +93,7 @@ def build_trainer(cfg: JobConfig, payload: dict[str, Any]):
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=cfg.storage.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.storage.keep_last),
+            callbacks=list(callbacks or []),
         ),
     )
 
@@ -119,11 +121,36 @@ def report_source_shares(cfg: JobConfig, tracker: RunTracker, working_dir: Optio
 PRODUCTS = {"stage1": ("perceiver", "medium_tier"), "stage2": ("restorer",)}
 
 
-def register_products(stage: str, cfg: JobConfig, tracker: RunTracker) -> dict[str, str]:
-    """Register the stage's products as versions of ``<register_as>-<product>``; returns their URIs."""
-    uris = {}
-    for product in PRODUCTS[stage]:
-        uris[product] = tracker.register(product, f"{cfg.tracking.register_as}-{product.replace('_', '-')}")
+def register_products(stage: str, cfg: JobConfig, tracker: RunTracker, *, search_run: Optional[str] = None,
+                      extra_tags: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """Register the stage's products as MLflow models, versions of ``<register_as>-<product>`` with
+    their lineage as tags (``search_run``: the Ray Tune search the run came from); returns their URIs."""
+    from perceive_ir.tracking import model_registry as registry
+
+    run_tags = tracker.client.get_run(tracker.run_id).data.tags
+    try:
+        shards = registry.shard_manifest_tags(cfg.data.train.sources, cfg.data.train.storage_options)
+    except Exception as err:  # noqa: BLE001 - a manifest gone since training must not lose the products
+        log.warning("shard manifests unreadable at registration: %s", err)
+        shards = {"lineage.shard_manifests_sha256": "unknown"}
+    upstream: dict[str, str] = {}
+    for key in ("perceiver", "medium_tier"):  # stage 2's inputs (stage 1 may reuse a medium tier)
+        location = getattr(cfg, key, None)
+        if isinstance(location, str) and location:
+            upstream.update(registry.upstream_tags(key, location, key, tracker.uri))
+    uris: dict[str, str] = {}
+    for product in sorted(PRODUCTS[stage], key=lambda p: p != "medium_tier"):  # a perceiver names its medium tier
+        done = registry.registered_from_run(tracker.uri, tracker.run_id, product)
+        if done is not None:  # a relaunch of a finished run registers nothing new
+            uris[product] = f"models:/{done.name}/{done.version}"
+            continue
+        if product == "perceiver" and "medium_tier" in uris:
+            upstream.update(registry.upstream_tags("medium_tier", uris["medium_tier"], "medium_tier", tracker.uri))
+        folder = registry.download_run_product(tracker.uri, tracker.run_id, product)
+        tags = registry.product_lineage(product, folder, run_tags, tracker.run_id, to_dict(cfg), shards, upstream,
+                                        search_run) | dict(extra_tags or {})
+        uris[product] = registry.register_product(tracker.uri, tracker.run_id, product, folder,
+                                                  f"{cfg.tracking.register_as}-{product.replace('_', '-')}", tags)
         log.info("%s registered as %s", product, uris[product])
     return uris
 
@@ -133,15 +160,20 @@ class JobResult:
         self.run_id, self.tracking_uri, self.result = run_id, tracking_uri, result
 
 
-def launch(stage: str, cfg: JobConfig, working_dir: Optional[Path] = None) -> JobResult:
-    """Find or create the job's MLflow run, then train under Ray; returns the run id."""
+def launch(stage: str, cfg: JobConfig, working_dir: Optional[Path] = None, *, callbacks: Optional[list] = None,
+           run_tags: Optional[dict[str, str]] = None, run_params: Optional[dict[str, Any]] = None) -> JobResult:
+    """Find or create the job's MLflow run, then train under Ray; returns the run id.
+
+    ``run_tags``/``run_params`` are added to the run when it is created (e.g. ``mlflow.parentRunId``
+    and the values a search sampled); ``callbacks`` go to the Ray Train run."""
     import tempfile
 
     import yaml
 
     connect(cfg.ray, working_dir)
-    params = flatten(cfg)
-    tracking_uri, run_id, created = find_or_create_run(cfg.tracking, cfg.name, params, version_tags(), stage)
+    params = {**flatten(cfg), **(run_params or {})}
+    tags = {**version_tags(), **(run_tags or {})}
+    tracking_uri, run_id, created = find_or_create_run(cfg.tracking, cfg.name, params, tags, stage)
     tracker = RunTracker(tracking_uri, run_id)
     with tempfile.TemporaryDirectory() as folder:
         resolved = Path(folder) / f"{stage}_resolved.yaml"
@@ -150,7 +182,7 @@ def launch(stage: str, cfg: JobConfig, working_dir: Optional[Path] = None) -> Jo
     log.info("%s: MLflow run %s (%s)", cfg.name, run_id, "new" if created else "continued")
     report_source_shares(cfg, tracker, working_dir)
     payload = {"stage": stage, "config": to_dict(cfg), "tracking_uri": tracking_uri, "run_id": run_id}
-    trainer = build_trainer(cfg, payload)
+    trainer = build_trainer(cfg, payload, callbacks)
     try:
         result = trainer.fit()
     except Exception:

@@ -11,8 +11,10 @@ A product is named by a local path or an MLflow URI (``runs:/<id>/<path>``, ``mo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -57,20 +59,99 @@ def resolve_product(location: str, what: str, config_key: str, tracking_uri: str
 
 
 def _download(location: str, tracking_uri: str | None) -> Path:
-    """The files behind an MLflow URI, in a local folder."""
+    """The files behind an MLflow URI, in this node's product cache: downloaded once, then shared
+    by every worker and trial of the node (see :func:`cached_download`)."""
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     from perceive_ir.tracking.evaluation import registered_version
 
     # a registered version -> the artifact URI it was registered from (the registry is the tracking store)
     uri = registered_version(location, tracking_uri).source if location.startswith("models:/") else location
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri,
-                                                    dst_path=tempfile.mkdtemp(prefix="product-")))
+    identity = {"uri": uri}
+    if uri.startswith("runs:/"):  # a continued run re-logs its products: its end time tells them apart
+        run_id, _, path = uri[len("runs:/"):].partition("/")
+        client = MlflowClient(tracking_uri=tracking_uri)
+        identity.update(end_time=client.get_run(run_id).info.end_time, files=_listing(client, run_id, path))
+    return cached_download(identity, lambda folder: Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=uri, tracking_uri=tracking_uri, dst_path=str(folder))))
+
+
+def _listing(client, run_id: str, path: str) -> list[tuple[str, int]]:
+    """Every file under an artifact path with its size (folders expanded)."""
+    files = []
+    for entry in client.list_artifacts(run_id, path):
+        files += _listing(client, run_id, entry.path) if entry.is_dir else [(entry.path, entry.file_size)]
+    return sorted(files)
+
+
+def product_cache() -> Path:
+    """The node's product cache: ``$PERCEIVE_IR_CACHE/products``, else one per user in the temporary folder."""
+    base = os.environ.get("PERCEIVE_IR_CACHE") or Path(tempfile.gettempdir()) / "perceive_ir_cache" / str(os.getuid())
+    return Path(base) / "products"
+
+
+_CACHE_RECORD = ".product.json"
+
+
+def cached_download(identity: dict, fetch) -> Path:
+    """``fetch(folder)`` downloads into ``folder`` and returns the product's path inside it. The
+    result is kept under the sha256 of ``identity``; concurrent callers of one node wait on a file
+    lock, and a download goes to a partial folder renamed into place, so none sees it half written."""
+    from filelock import FileLock
+
+    root = product_cache()
+    root.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    final = root / key
+    with FileLock(str(root / f"{key}.lock")):
+        found = _cached_product(final)
+        if found is not None:
+            return found
+        for stale in root.glob(f".{key}.partial-*"):  # left by a process killed while downloading
+            shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{key}.partial-", dir=root))
+        try:
+            product = Path(fetch(partial)).resolve()
+            files = {str(f.relative_to(partial)): f.stat().st_size for f in sorted(partial.rglob("*")) if f.is_file()}
+            record = {"identity": identity, "product": str(product.relative_to(partial.resolve())), "files": files,
+                      "sha256": {name: _sha256(partial / name) for name in files}}
+            (partial / _CACHE_RECORD).write_text(json.dumps(record, indent=1, default=str))
+            os.replace(partial, final)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+    return final / record["product"]
+
+
+def _cached_product(folder: Path) -> Path | None:
+    """The product inside a complete cache entry, or None (absent, or a file missing or truncated)."""
+    try:
+        record = json.loads((folder / _CACHE_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    for name, size in record["files"].items():
+        if not (folder / name).is_file() or (folder / name).stat().st_size != size:
+            return None
+    return folder / record["product"]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _product_root(folder: Path) -> Path:
-    """The product's own files inside ``folder``."""
-    return folder
+    """The product's own files inside ``folder``: an MLflow model folder (a registered version,
+    downloaded, or a local copy) holds them as its ``product`` artifact; one with pickled content
+    is refused."""
+    from perceive_ir.tracking.model_registry import model_product_folder
+
+    return model_product_folder(folder)
 
 
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
