@@ -39,6 +39,7 @@ from perceive_ir.data.storage import (
     open_url,
     put_atomic,
     redact,
+    storage_error,
     write_bytes_atomic,
 )
 
@@ -345,9 +346,13 @@ def build_shards(cfg: BuildConfig) -> Manifest:
     digest = _args_digest(identity)
     manifest_path = f"{out_root}/{MANIFEST_NAME}"
 
+    try:
+        finished = out_fs.exists(manifest_path)
+    except Exception as err:  # noqa: BLE001 - an unreachable store raises many kinds
+        raise storage_error(cfg.output, err, "reach the output folder") from err
     if cfg.overwrite:
         _clear_output(out_fs, out_root, cfg.prefix)
-    elif out_fs.exists(manifest_path):
+    elif finished:
         existing = Manifest.from_json(out_fs.cat_file(manifest_path).decode(), join(cfg.output, MANIFEST_NAME))
         if _args_digest(existing.args) == digest:
             print(f"{cfg.output}: already complete ({existing.total_samples} samples)", file=sys.stderr)

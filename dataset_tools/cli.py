@@ -5,10 +5,13 @@ Examples:
   perceive-shards build s3://bucket/rain --clean norain/ --degraded rain/ --dataset rain100l \\
       --degradation rain --match rain100
   perceive-shards build --config configs/data/build_example.yaml workers=4
-  perceive-shards verify s3://bucket/rain
+  perceive-shards verify s3://bucket/rain --endpoint-url http://minio:9000
   perceive-shards inspect out/
 Settings after the options are ``key=value`` overrides of the build configuration
-(see dataset_tools/build.py: BuildConfig).
+(see dataset_tools/build.py: BuildConfig). Every subcommand takes the S3 endpoint as
+``--endpoint-url URL`` (default: $AWS_ENDPOINT_URL) and other storage options as
+``--option KEY=VALUE``. Exit codes: 0 done, 1 storage unreachable or verification failed,
+2 bad arguments or inputs.
 """
 
 from __future__ import annotations
@@ -18,7 +21,13 @@ import json
 import sys
 
 from perceive_ir.config import ConfigError, load_config, parse_overrides
-from perceive_ir.data.storage import StorageError
+from perceive_ir.data.storage import (
+    StorageError,
+    add_endpoint_argument,
+    close_filesystems,
+    is_unreachable,
+    set_default_endpoint,
+)
 
 from .build import BuildConfig, build_shards
 from .inspect_shards import format_report, inspect
@@ -41,7 +50,19 @@ def _build_config(args: argparse.Namespace) -> BuildConfig:
         raise ConfigError("give --config FILE or --clean FOLDER (with --dataset NAME)")
     if args.workers:
         overrides.append(f"workers={args.workers}")
-    return load_config(BuildConfig, args.config, overrides)
+    cfg = load_config(BuildConfig, args.config, overrides)
+    options = parse_overrides(args.option)
+    if options:  # for the output and every source, under the settings of the file
+        cfg.storage_options = {**options, **cfg.storage_options}
+        for source in cfg.sources:
+            source.storage_options = {**options, **source.storage_options}
+    return cfg
+
+
+def _storage_arguments(parser: argparse.ArgumentParser) -> None:
+    add_endpoint_argument(parser)
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="storage option of every URL, e.g. anon=true (repeatable)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,12 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--degradation", help="degradation type of a paired set (rain, haze, blur...)")
     b.add_argument("--match", default="same_stem", help="pairing rule: same_path, same_stem, rain100, reside")
     b.add_argument("--workers", type=int, help="parallel worker processes")
+    _storage_arguments(b)
 
     for name, helptext in (("verify", "check shards against the manifest"), ("inspect", "summarise a shard set")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("location", help="shard folder URL or its manifest.json")
-        p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                       help="storage option, e.g. endpoint_url=http://127.0.0.1:9000")
+        _storage_arguments(p)
         if name == "verify":
             p.add_argument("--no-decode", action="store_true", help="skip decoding every sample")
         else:
@@ -78,31 +99,49 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "build":
         args.positional += extra
+    set_default_endpoint(args.endpoint_url)
     try:
-        if args.command == "build":
-            manifest = build_shards(_build_config(args))
-            print(f"{manifest.total_samples} samples in {len(manifest.shards)} shards "
-                  f"({manifest.total_bytes:,} bytes); {len(manifest.skipped)} files skipped")
-            for entry in manifest.skipped[:20]:
-                print(f"  skipped {entry.source}: {entry.reason}")
-            if len(manifest.skipped) > 20:
-                print(f"  ... and {len(manifest.skipped) - 20} more (see manifest.json)")
-            return 0
-        options = parse_overrides(args.option)
-        if args.command == "verify":
-            report = verify(args.location, options, decode=not args.no_decode)
-            for problem in report.problems:
-                print(f"PROBLEM {problem}")
-            print(f"{'OK' if report.ok else 'FAILED'}: {report.shards} shards, {report.samples} samples, "
-                  f"{len(report.problems)} problems")
-            return 0 if report.ok else 1
-        summary = inspect(args.location, options)
-        print(json.dumps(summary, indent=1) if args.json else format_report(summary))
-        return 0
-    except (ConfigError, StorageError, RuntimeError, ValueError) as err:
-        print(f"perceive-shards {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return _run(args)
+    except ConfigError as err:
+        return _fail(args.command, err, 2)
+    except StorageError as err:
+        return _fail(args.command, err, 1 if is_unreachable(err) else 2)
+    except (RuntimeError, ValueError) as err:
+        return _fail(args.command, err, 2)
+    except Exception as err:  # noqa: BLE001 - a store that stops answering mid-way raises many kinds
+        if not is_unreachable(err):
+            raise
+        return _fail(args.command, f"storage unreachable: {type(err).__name__}: {str(err).splitlines()[0]}", 1)
+    finally:
+        close_filesystems()
 
+
+def _fail(command: str, err, code: int) -> int:
+    print(f"perceive-shards {command}: error: {err}", file=sys.stderr)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "build":
+        manifest = build_shards(_build_config(args))
+        print(f"{manifest.total_samples} samples in {len(manifest.shards)} shards "
+              f"({manifest.total_bytes:,} bytes); {len(manifest.skipped)} files skipped")
+        for entry in manifest.skipped[:20]:
+            print(f"  skipped {entry.source}: {entry.reason}")
+        if len(manifest.skipped) > 20:
+            print(f"  ... and {len(manifest.skipped) - 20} more (see manifest.json)")
+        return 0
+    options = parse_overrides(args.option)
+    if args.command == "verify":
+        report = verify(args.location, options, decode=not args.no_decode)
+        for problem in report.problems:
+            print(f"PROBLEM {problem}")
+        print(f"{'OK' if report.ok else 'FAILED'}: {report.shards} shards, {report.samples} samples, "
+              f"{len(report.problems)} problems")
+        return 0 if report.ok else 1
+    summary = inspect(args.location, options)
+    print(json.dumps(summary, indent=1) if args.json else format_report(summary))
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

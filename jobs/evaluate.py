@@ -22,6 +22,7 @@ for entry in (REPO / "platform", REPO):  # a plain checkout runs unchanged (ray 
         sys.path.insert(0, str(entry))
 
 from perceive_ir.config import ConfigError, load_config  # noqa: E402
+from perceive_ir.data.storage import StorageError, add_endpoint_argument, is_unreachable, set_default_endpoint  # noqa: E402
 from perceive_ir.eval.protocol import EvalConfig, EvaluationResult, run_evaluation  # noqa: E402
 from perceive_ir.eval.suite import MissingSetError  # noqa: E402
 
@@ -46,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="evaluation suite, e.g. configs/eval/quickstart.yaml")
     parser.add_argument("overrides", nargs="*", help="key.path=value settings (YAML values), model=<uri> first of all")
+    add_endpoint_argument(parser)
     args = parser.parse_args(argv)
+    set_default_endpoint(args.endpoint_url)
     try:
         cfg = load_config(EvalConfig, args.config, args.overrides)
     except ConfigError as err:
@@ -58,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except (MissingSetError, ValueError, FileNotFoundError) as err:
         print(f"evaluate: {err}", file=sys.stderr)
         return 2
+    except StorageError as err:  # exit 1: the store did not answer
+        print(f"evaluate: {err}", file=sys.stderr)
+        return 1 if is_unreachable(err) else 2
     print_result(result)
     print(f"MLFLOW_RUN_ID={result.run_id}")
     return 0

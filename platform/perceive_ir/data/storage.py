@@ -2,11 +2,13 @@
 
 Credentials never travel in configs: s3fs/gcsfs read them from the environment (or
 instance roles). ``storage_options`` carries only non-secret settings such as an
-``endpoint_url`` override for S3-compatible stores.
+``endpoint_url`` override for S3-compatible stores; without one, ``AWS_ENDPOINT_URL`` applies
+(botocore's standard variable, which the command lines' ``--endpoint-url`` sets).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import posixpath
 from typing import Any, Mapping
@@ -19,8 +21,53 @@ _ATOMIC_PUT_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memor
 _SECRET_WORDS = ("password", "secret", "token", "credential", "access_key", "secret_key", "api_key", "session")
 
 
+ENDPOINT_VARIABLE = "AWS_ENDPOINT_URL"
+
+
 class StorageError(OSError):
     """A storage URL cannot be read or written; the message names the URL."""
+
+
+class StorageUnreachable(StorageError):
+    """The store behind a URL does not answer (endpoint down, wrong host, no network)."""
+
+
+def is_unreachable(err: BaseException) -> bool:
+    """Whether an exception (or its cause) means the store did not answer, rather than refused."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, (StorageUnreachable, ConnectionError, TimeoutError)) and not isinstance(err, BrokenPipeError):
+            return True
+        name = type(err).__name__
+        if name in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                    "ClientConnectorError", "ServerDisconnectedError", "NoCredentialsError"):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+def storage_error(url: str, err: BaseException, doing: str = "open") -> StorageError:
+    """One-line error naming ``url`` for any exception a store raised."""
+    if isinstance(err, StorageError):
+        return err
+    cls = StorageUnreachable if is_unreachable(err) else StorageError
+    endpoint = os.environ.get(ENDPOINT_VARIABLE)
+    where = f" (endpoint {endpoint} from {ENDPOINT_VARIABLE})" if endpoint and cls is StorageUnreachable else ""
+    return cls(f"cannot {doing} '{url}'{where}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+
+
+def add_endpoint_argument(parser) -> None:
+    """``--endpoint-url``: the same option in every job and ``perceive-shards`` subcommand."""
+    parser.add_argument("--endpoint-url", metavar="URL",
+                        help=f"S3 endpoint of every s3:// URL without its own endpoint_url (default: "
+                             f"${ENDPOINT_VARIABLE}, else AWS)")
+
+
+def set_default_endpoint(url: str | None) -> None:
+    """``--endpoint-url``: the S3 endpoint for every URL without its own ``endpoint_url``, in this
+    process and the processes it starts."""
+    if url:
+        os.environ[ENDPOINT_VARIABLE] = url
 
 
 def normalize_options(storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -129,7 +176,38 @@ def open_url(url: str, mode: str = "rb", storage_options: Mapping[str, Any] | No
     except FileNotFoundError:
         raise StorageError(f"'{url}' does not exist") from None
     except Exception as err:  # s3fs/gcsfs raise many kinds for an unreachable bucket
-        raise StorageError(f"cannot open '{url}': {type(err).__name__}: {err}") from err
+        raise storage_error(url, err) from err
+
+
+def close_filesystems() -> None:
+    """Close the cached async filesystems (s3fs, gcsfs) while fsspec's event loop still runs.
+
+    Left to the garbage collector at interpreter exit, their HTTP sessions are closed from
+    another event loop, which prints an asyncio traceback after an otherwise clean run."""
+    from fsspec.asyn import AsyncFileSystem, sync
+
+    for cls in _subclasses(AsyncFileSystem):
+        for instance in list(getattr(cls, "_cache", {}).values()):
+            creator, loop = getattr(instance, "_s3creator", None), getattr(instance, "_loop", None)
+            if creator is not None and loop is not None and loop.is_running():
+                try:  # what s3fs's own finalizer does, but while the loop can still run it
+                    sync(loop, creator.__aexit__, None, None, None, timeout=5)
+                except Exception:  # noqa: BLE001 - best effort at exit
+                    pass
+                instance._s3 = instance._s3creator = None
+        if "_cache" in cls.__dict__:
+            cls.clear_instance_cache()
+
+
+def _subclasses(cls) -> list[type]:
+    found = []
+    for sub in cls.__subclasses__():
+        found.append(sub)
+        found.extend(_subclasses(sub))
+    return found
+
+
+atexit.register(close_filesystems)
 
 
 def register_webdataset_opener(storage_options: Mapping[str, Any] | None = None,
