@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
+from perceive_ir.config import to_dict
 from perceive_ir.data.pipeline import LoaderConfig
 from perceive_ir.degrade import DegradationConfig
 from perceive_ir.eval.validation import ValidationConfig
@@ -14,7 +16,8 @@ from perceive_ir.models import PerceiverConfig, RestorerConfig
 from perceive_ir.tracking import TrackingConfig
 from perceive_ir.train.config import EngineConfig, LoopConfig, OptimizerConfig
 
-__all__ = ["RaySettings", "RunStorageConfig", "DataSection", "JobConfig", "Stage1Config", "Stage2Config"]
+__all__ = ["RaySettings", "RunStorageConfig", "DataSection", "JobConfig", "Stage1Config", "Stage2Config",
+           "path_settings", "is_local_path", "set_setting"]
 
 
 @dataclass
@@ -119,3 +122,53 @@ class Stage2Config(JobConfig):
             warnings.warn("stage 2 without 'medium_tier': L_dpl loses its hard negatives (the medium-tier outputs) "
                           "and contrasts against the degraded input only; set medium_tier=runs:/<stage-1 run>/"
                           "medium_tier", UserWarning, stacklevel=2)
+
+
+def path_settings(cfg: JobConfig) -> dict[str, str]:
+    """Every setting of a job that names a local file or folder, by its dotted key (storage URLs,
+    ``file://`` URLs and MLflow URIs are not local paths here: they read the same from every node)."""
+    found: dict[str, str] = {}
+    for i, source in enumerate(cfg.data.train.sources):
+        found[f"data.train.sources[{i}].location"] = source.location
+    found["data.validation.source"] = cfg.data.validation.source
+    found["engine.deepspeed_config"] = cfg.engine.deepspeed_config
+    found["storage.path"] = cfg.storage.path
+    for name in ("perceiver", "medium_tier"):
+        found[name] = getattr(cfg, name, None)
+    perceiver = getattr(cfg, "perceiver", None)
+    if isinstance(perceiver, PerceiverConfig):
+        found.update({"perceiver.clip_weights": perceiver.clip_weights, "perceiver.arch_config": perceiver.arch_config})
+        found.pop("perceiver")
+    for section in ("restorer", "loss"):
+        if hasattr(cfg, section):
+            found.update(_weight_files(to_dict(getattr(cfg, section)), section))
+    return {key: value for key, value in found.items() if isinstance(value, str) and value and is_local_path(value)}
+
+
+def _weight_files(tree, prefix: str) -> dict[str, str]:
+    """``weights: <file>`` settings inside free-form component parameters."""
+    found = {}
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            if key == "weights" and isinstance(value, str):
+                found[f"{prefix}.{key}"] = value
+            else:
+                found.update(_weight_files(value, f"{prefix}.{key}"))
+    return found
+
+
+def is_local_path(value: str) -> bool:
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", value) is None  # not s3://, file://, runs:/, models:/ ...
+
+
+def set_setting(cfg: JobConfig, key: str, value: str) -> None:
+    """Set one of :func:`path_settings`' keys (``a.b[2].c`` and free-form parameter dicts)."""
+    *parents, leaf = re.findall(r"[^.\[\]]+", key)
+    target = cfg
+    for part in parents:
+        target = target[int(part)] if part.isdigit() else (
+            target[part] if isinstance(target, dict) else getattr(target, part))
+    if isinstance(target, dict):
+        target[leaf] = value
+    else:
+        setattr(target, leaf, value)

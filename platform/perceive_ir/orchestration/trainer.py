@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 __all__ = ["connect", "build_trainer", "launch", "runtime_env", "report_source_shares", "JobResult"]
 
 # Environment a worker needs from the launching shell when it is set there (never credentials).
-_PASSED_ENV = ("HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "OMP_NUM_THREADS")
+_PASSED_ENV = ("HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "OMP_NUM_THREADS", "AWS_ENDPOINT_URL",
+               "PERCEIVE_IR_CACHE")
 _UPLOAD_EXCLUDES = [".git", ".venv", "runs", "mlruns", "mlartifacts", "*.db", "__pycache__", "*.egg-info"]
 
 
