@@ -1,0 +1,158 @@
+"""Run a search: derive how many trials fit at once, start or continue the Tune experiment, then
+write the record (table, plot) and register the best trial."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from perceive_ir.config import ConfigError, to_dict
+from perceive_ir.search.config import SearchPlan
+from perceive_ir.search.space import to_tune_space
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrialResources", "trial_resources", "concurrent_trials", "asha_max_t", "run_search", "SearchResult"]
+
+
+@dataclass(frozen=True)
+class TrialResources:
+    """What one trial holds: its Ray Train workers' resources; the Tune function itself only memory."""
+
+    cpus: float
+    gpus: float
+    driver_memory_bytes: int
+
+    def driver_bundle(self) -> dict[str, float]:
+        # Ray refuses an all-zero bundle; memory exists on every node, so no custom resource is needed.
+        return {"CPU": 0, "memory": float(self.driver_memory_bytes)}
+
+
+def trial_resources(plan: SearchPlan) -> TrialResources:
+    ray_cfg = plan.base.ray
+    per_worker = dict(ray_cfg.resources_per_worker)
+    gpus = per_worker.get("GPU", 1.0 if ray_cfg.use_gpu else 0.0)
+    return TrialResources(ray_cfg.num_workers * per_worker.get("CPU", 1.0), ray_cfg.num_workers * gpus,
+                          plan.cfg.trial_driver_memory_mb * 2**20)
+
+
+def concurrent_trials(requested: int, num_trials: int, trial: TrialResources, cluster: dict[str, float]) -> int:
+    """Trials run at once so that all of their workers fit together: no trial waits forever for
+    resources another running trial holds. Raises if a single trial does not fit."""
+    fits = math.floor(cluster.get("CPU", 0.0) / trial.cpus) if trial.cpus else requested
+    if trial.gpus:
+        fits = min(fits, math.floor(cluster.get("GPU", 0.0) / trial.gpus))
+    if fits < 1:
+        raise ConfigError(f"one trial needs {trial.cpus:g} CPUs and {trial.gpus:g} GPUs (ray.num_workers x "
+                          f"ray.resources_per_worker of the stage-2 config); the cluster has "
+                          f"{cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs")
+    return max(1, min(requested, num_trials, fits))
+
+
+def asha_max_t(max_steps: int, val_every: int, grace_period: int) -> int:
+    """ASHA's horizon: the last validation before the final step, so that no trial is stopped at its very
+    end (the restorer is saved after the last report)."""
+    last = ((max_steps - 1) // val_every) * val_every
+    if last < grace_period:
+        raise ConfigError(f"scheduler.grace_period {grace_period} leaves ASHA no validation to stop at: the last "
+                          f"validation before loop.max_steps {max_steps} is at step {last} (loop.val_every "
+                          f"{val_every})")
+    return last
+
+
+def _scheduler(plan: SearchPlan):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    sched = plan.cfg.scheduler
+    if sched.name == "fifo":
+        return FIFOScheduler()
+    loop = plan.base.loop
+    return ASHAScheduler(time_attr="step", max_t=asha_max_t(loop.max_steps, loop.val_every, sched.grace_period),
+                         grace_period=sched.grace_period, reduction_factor=sched.reduction_factor,
+                         stop_last_trials=False)
+
+
+def _search_algorithm(plan: SearchPlan, concurrency: int):
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    algorithm = plan.cfg.search
+    if algorithm.name == "optuna":
+        from optuna.samplers import TPESampler
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(sampler=TPESampler(seed=algorithm.seed))
+    return BasicVariantGenerator(max_concurrent=concurrency, random_state=algorithm.seed)
+
+
+@dataclass
+class SearchResult:
+    parent_run_id: str
+    tracking_uri: str
+    records: list
+    registered: Optional[dict[str, str]]
+    resumed: bool
+
+
+def run_search(plan: SearchPlan, repo: Path) -> SearchResult:
+    """Start the search, or continue the one stored under ``<storage.path>/<name>`` (finished trials are
+    kept; unfinished ones resume from their runs' last checkpoints)."""
+    import ray
+    from ray import tune
+
+    from perceive_ir.orchestration.storage import run_storage
+    from perceive_ir.orchestration.trainer import connect
+    from perceive_ir.search.trainable import OBJECTIVE, run_trial
+    from perceive_ir.search.tracking import EarlyStopMarker, log_results, open_parent_run, register_best, trial_records
+    from perceive_ir.tracking import RunTracker
+
+    cfg, base = plan.cfg, plan.base
+    storage_path, filesystem = run_storage(base.storage)
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(cfg.state_save_period_s))
+    # A stopped trial's function is blocked in its Train run's fit(): Tune waits this long (600 s by default)
+    # before killing it, and the run's workers keep their CPUs meanwhile.
+    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(cfg.stopped_trial_grace_s))
+    connect(base.ray, repo)
+    resources = trial_resources(plan)
+    trials = plan.total_trials
+    concurrency = concurrent_trials(cfg.concurrency, trials, resources, ray.cluster_resources())
+    log.info("%s: %d trials, %d at a time (each: %g CPUs, %g GPUs)", cfg.name, trials, concurrency,
+             resources.cpus, resources.gpus)
+    tracking_uri, parent_run_id, created = open_parent_run(plan)
+    tracker = RunTracker(tracking_uri, parent_run_id)
+    context: dict[str, Any] = {"search": to_dict(cfg), "where": plan.where, "repo": str(repo),
+                               "parent_run_id": parent_run_id,
+                               "train_storage": f"{base.storage.path.rstrip('/')}/{cfg.name}/train"}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources.driver_bundle())
+    experiment = f"{storage_path}/{cfg.name}"
+    resumed = tune.Tuner.can_restore(experiment, storage_filesystem=filesystem)
+    if resumed:
+        log.info("%s: continuing the search stored at %s", cfg.name, experiment)
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=filesystem)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=to_tune_space(plan.distributions),
+            tune_config=tune.TuneConfig(metric=OBJECTIVE, mode=cfg.metric.mode, num_samples=cfg.num_trials,
+                                        max_concurrent_trials=concurrency if cfg.search.name == "optuna" else None,
+                                        scheduler=_scheduler(plan),
+                                        search_alg=_search_algorithm(plan, concurrency)),
+            run_config=tune.RunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=filesystem,
+                                      callbacks=[EarlyStopMarker(tracking_uri, base.tracking.experiment, cfg.name)],
+                                      verbose=1))
+    try:
+        tuner.fit()
+    except Exception:
+        tracker.finish("FAILED")
+        raise
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    records = trial_records(client, plan, parent_run_id)
+    log_results(tracker, plan, records)
+    registered = register_best(tracker, plan, records)
+    tracker.finish("FINISHED")
+    return SearchResult(parent_run_id, tracking_uri, records, registered, resumed)

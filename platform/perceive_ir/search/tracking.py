@@ -1,0 +1,158 @@
+"""MLflow for a search: one parent run per search name (continued on relaunch), the trials' stage-2
+runs nested under it (tag ``mlflow.parentRunId``), early-stopped trials marked, the results and plot
+logged to the parent, and the best trial's restorer registered with the search's lineage as tags."""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from ray.tune import Callback
+
+from perceive_ir.config import flatten
+from perceive_ir.search.config import QUALITY_METRIC, SearchPlan
+from perceive_ir.search.report import TrialRecord, write_plot, write_table
+from perceive_ir.search.trainable import SEARCH_TAGS, objective_of, trial_run_name
+from perceive_ir.tracking import RUN_NAME_TAG, RunTracker, find_or_create_run, version_tags
+
+log = logging.getLogger(__name__)
+
+__all__ = ["open_parent_run", "trial_runs", "mark_early_stopped", "trial_records", "log_results", "register_best",
+           "EarlyStopMarker"]
+
+BEST_TAG = "search.best_registered"
+
+
+def open_parent_run(plan: SearchPlan) -> tuple[str, str, bool]:
+    """``(tracking URI, parent run id, created)``: the search's run, in the stage-2 runs' experiment."""
+    params = {f"search.{k}": v for k, v in flatten(plan.cfg).items() if k != "space"}
+    params.update({f"space.{d.key}": f"{d.kind} {list(d.args)}" for d in plan.distributions})
+    return find_or_create_run(plan.base.tracking, plan.cfg.name, params, version_tags(), "tune")
+
+
+def trial_runs(client, plan: SearchPlan, parent_run_id: str) -> list:
+    experiment = client.get_experiment_by_name(plan.base.tracking.experiment)
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], f"tags.`{SEARCH_TAGS['parent']}` = '{parent_run_id}'",
+                              max_results=10000, order_by=["attributes.start_time ASC"])
+
+
+def mark_early_stopped(client, run) -> None:
+    """A trial the scheduler stopped: its run ends as KILLED with ``search.early_stopped=true`` (also when
+    its aborted training reported the run FAILED on the way out)."""
+    if run.info.status == "KILLED" or (run.info.status == "FINISHED"
+                                       and run.data.tags.get(SEARCH_TAGS["early_stopped"]) != "true"):
+        return
+    client.set_tag(run.info.run_id, SEARCH_TAGS["early_stopped"], "true")
+    client.set_terminated(run.info.run_id, status="KILLED")
+
+
+class EarlyStopMarker(Callback):
+    """A Tune callback: when a trial ends and its run did not finish, it was stopped early."""
+
+    def __init__(self, tracking_uri: str, experiment: str, search: str) -> None:
+        self.tracking_uri, self.experiment, self.search = tracking_uri, experiment, search
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        found = client.get_experiment_by_name(self.experiment)
+        name = trial_run_name(self.search, trial.trial_id)
+        runs = client.search_runs([found.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{name}'", max_results=1)
+        if runs and runs[0].info.status != "FINISHED":
+            mark_early_stopped(client, runs[0])
+            log.info("trial %s stopped early by the scheduler", trial.trial_id)
+
+
+def _status(run) -> str:
+    if run.data.tags.get(SEARCH_TAGS["early_stopped"]) == "true":
+        return "early-stopped"
+    return {"FINISHED": "completed", "FAILED": "failed"}.get(run.info.status, "running")
+
+
+def _value(text: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def trial_records(client, plan: SearchPlan, parent_run_id: str) -> list[TrialRecord]:
+    """Every trial's values, status and validation curve of the objective, best final objective first."""
+    records = []
+    for run in trial_runs(client, plan, parent_run_id):
+        if run.data.tags.get(SEARCH_TAGS["early_stopped"]) == "true":
+            mark_early_stopped(client, run)
+        history = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+                   for key in {plan.cfg.metric.name, QUALITY_METRIC}}
+        curve = []
+        for step in sorted(history[plan.cfg.metric.name]):
+            value = objective_of({k: h[step] for k, h in history.items() if step in h}, plan.cfg.metric)
+            if value is not None:
+                curve.append((step, value))
+        values = {key: _value(run.data.params.get(f"search/{key}", "")) for key in plan.keys}
+        records.append(TrialRecord(run.data.tags.get(SEARCH_TAGS["trial"], run.info.run_id), run.info.run_id,
+                                   _status(run), values, curve, int(run.data.tags.get("launches", "1"))))
+    sign = -1 if plan.cfg.metric.mode == "max" else 1
+    return sorted(records, key=lambda r: (r.status != "completed", r.final is None or not math.isfinite(r.final),
+                                          sign * (r.final or 0.0)))
+
+
+def _best(records: list[TrialRecord]) -> Optional[TrialRecord]:
+    """The first completed trial with a finite objective (records come best first)."""
+    return next((r for r in records if r.status == "completed" and r.final is not None and math.isfinite(r.final)),
+                None)
+
+
+def log_results(tracker: RunTracker, plan: SearchPlan, records: list[TrialRecord]) -> None:
+    label = plan.cfg.metric.name + (f" + {plan.cfg.metric.quality_weight} x quality" if plan.cfg.metric.quality_weight
+                                    else "")
+    with tempfile.TemporaryDirectory(prefix="search-") as folder:
+        csv_path, md_path = write_table(records, plan.keys, Path(folder))
+        plot = write_plot(records, plan.keys, {d.key for d in plan.distributions if d.is_log}, label, Path(folder))
+        for path in (csv_path, md_path, plot):
+            tracker.log_file(path, "search")
+    best = _best(records)
+    if best is not None:
+        tracker.log_metrics({"best_objective": best.final}, step=best.last_step)
+        tracker.client.set_tag(tracker.run_id, "search.best_trial", best.trial_id)
+    counts = {s: sum(r.status == s for r in records) for s in ("completed", "early-stopped", "failed", "running")}
+    for status, count in counts.items():
+        tracker.client.set_tag(tracker.run_id, f"search.trials_{status.replace('-', '_')}", str(count))
+
+
+def register_best(tracker: RunTracker, plan: SearchPlan, records: list[TrialRecord]) -> Optional[dict[str, str]]:
+    """Register the best completed trial's restorer (once per search) with the search's lineage as tags."""
+    from mlflow.tracking import MlflowClient
+
+    from perceive_ir.orchestration.trainer import register_products
+
+    best = _best(records)
+    if best is None or not plan.cfg.register_as:
+        return None
+    parent_tags = tracker.client.get_run(tracker.run_id).data.tags
+    if parent_tags.get(BEST_TAG, "").startswith(best.run_id + " "):
+        return None  # registered by an earlier launch of this search
+    trial_cfg = plan.trial_config(best.values, trial_run_name(plan.cfg.name, best.trial_id), plan.base.storage.path)
+    trial_cfg.tracking.register_as = plan.cfg.register_as
+    uris = register_products("stage2", trial_cfg, RunTracker(tracker.uri, best.run_id))
+    client = MlflowClient(tracking_uri=tracker.uri)
+    tags = {"search.parent_run_id": tracker.run_id, "search.name": plan.cfg.name, "search.trial_id": best.trial_id,
+            "search.objective": f"{best.final:.6g}", "search.metric": plan.cfg.metric.name,
+            "perceiver": trial_cfg.perceiver, "medium_tier": trial_cfg.medium_tier or "none",
+            **{f"search.value.{k}": str(v) for k, v in best.values.items()}}
+    for uri in uris.values():
+        name, version = uri[len("models:/"):].rsplit("/", 1)
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+    tracker.client.set_tag(tracker.run_id, BEST_TAG, f"{best.run_id} {' '.join(uris.values())}")
+    log.info("best trial %s (%s %.4f) registered as %s", best.trial_id, plan.cfg.metric.name, best.final,
+             ", ".join(uris.values()))
+    return uris

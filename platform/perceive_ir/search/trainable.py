@@ -1,0 +1,135 @@
+"""One trial: a stage-2 Ray Train + DeepSpeed run started from a Tune function, the pattern Ray Train V2
+documents for Tune (``TuneReportCallback`` in the trainer's ``RunConfig``).
+
+Each checkpoint of the trial's run is a validation (the trial config sets ``checkpoint_every`` to
+``val_every``); the callback forwards that validation's metrics, read from the trial's MLflow run where
+rank 0 logged them just before reporting, with the objective. A trial's run is named
+``<search>-<trial id>`` and stored under ``<storage.path>/<search>/train``: launched again (after a driver
+restart) it resumes from its last checkpoint, and a trial whose run already ended is not trained again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from perceive_ir.search.config import QUALITY_METRIC, MetricConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ValidationReportCallback", "run_trial", "objective_of", "trial_run_name", "SEARCH_TAGS", "OBJECTIVE"]
+
+SEARCH_TAGS = {"parent": "mlflow.parentRunId", "name": "search.name", "trial": "search.trial_id",
+               "early_stopped": "search.early_stopped"}
+OBJECTIVE = "objective"
+
+
+def objective_of(metrics: dict[str, float], metric: MetricConfig) -> Optional[float]:
+    """The searched number; a diverged trial (NaN) counts as the worst possible, so schedulers stop it."""
+    if metric.name not in metrics:
+        return None
+    value = metrics[metric.name]
+    if metric.quality_weight:
+        value += metric.quality_weight * metrics.get(QUALITY_METRIC, 0.0)
+    if math.isnan(value):
+        return -math.inf if metric.mode == "max" else math.inf
+    return value
+
+
+def trial_run_name(search: str, trial_id: str) -> str:
+    return f"{search}-{trial_id}"
+
+
+class ValidationReportCallback(TuneReportCallback):
+    """Forwards each validation of the trial's run to Tune: ``step``, the ``val/`` metrics, ``objective``."""
+
+    def __init__(self, tracking_uri: str, run_name: str, experiment: str, metric: MetricConfig) -> None:
+        super().__init__()
+        self.tracking_uri, self.run_name, self.experiment, self.metric = tracking_uri, run_name, experiment, metric
+        self._run_id: Optional[str] = None
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        import ray
+        from mlflow.tracking import MlflowClient
+
+        from perceive_ir.tracking import RUN_NAME_TAG
+
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        if self._run_id is None:
+            experiment = client.get_experiment_by_name(self.experiment)
+            (found,) = client.search_runs([experiment.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{self.run_name}'",
+                                          max_results=1)
+            self._run_id = found.info.run_id
+        run = client.get_run(self._run_id)
+        if run.data.tags.get(SEARCH_TAGS["early_stopped"]) == "true":
+            # The scheduler stopped this trial: end the run here (this callback runs in its controller).
+            log.info("%s was stopped by the scheduler: aborting its training run", self.run_name)
+            ray.get_runtime_context().current_actor.abort.remote()
+            return
+        step = int(metrics[0]["step"])
+        if not any(m.step == step for m in client.get_metric_history(self._run_id, self.metric.name)):
+            return  # a checkpoint without a validation (a relaunch at the end)
+        validation = {k: v for k, v in run.data.metrics.items() if k.startswith("val/")}
+        objective = objective_of(validation, self.metric)
+        if objective is not None:
+            self._training_actor_item_queue.put({"step": step, OBJECTIVE: objective, **validation})
+
+
+def _ended_run(tracking_uri: str, experiment: str, run_name: str):
+    """The trial's MLflow run if it already ended (finished, or stopped early by the scheduler)."""
+    from mlflow.tracking import MlflowClient
+
+    from perceive_ir.tracking import RUN_NAME_TAG
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    if runs and (runs[0].info.status == "FINISHED" or runs[0].data.tags.get(SEARCH_TAGS["early_stopped"]) == "true"):
+        return runs[0]
+    return None
+
+
+def run_trial(values: dict[str, Any], context: dict[str, Any]) -> None:
+    """The Tune function: ``values`` are the sampled settings; ``context`` what the driver fixed."""
+    import ray.tune
+
+    from perceive_ir.config import from_dict
+    from perceive_ir.orchestration.trainer import launch
+    from perceive_ir.orchestration.worker import job_root
+    from perceive_ir.search.config import SearchConfig, make_plan
+    from perceive_ir.tracking import resolve_tracking_uri
+
+    logging.basicConfig(level=logging.INFO)
+    root = job_root() or Path(context["repo"])
+    os.chdir(root)  # Tune starts trials in their own folder; the configs' relative paths need the repository's
+    cfg = from_dict(SearchConfig, context["search"], context["where"])
+    plan = make_plan(cfg, context["where"])
+    name = trial_run_name(cfg.name, ray.tune.get_context().get_trial_id())
+    trial_cfg = plan.trial_config(values, name, context["train_storage"])
+    tracking_uri = resolve_tracking_uri(trial_cfg.tracking)
+    ended = _ended_run(tracking_uri, trial_cfg.tracking.experiment, name)
+    if ended is not None:  # ended before the driver was restarted: replay its last validation, train nothing
+        validation = {k: v for k, v in ended.data.metrics.items() if k.startswith("val/")}
+        objective = objective_of(validation, cfg.metric)
+        if objective is not None:
+            step = max(m.step for m in _history(tracking_uri, ended.info.run_id, cfg.metric.name))
+            ray.tune.report({"step": step, OBJECTIVE: objective, **validation})
+        return
+    tags = {SEARCH_TAGS["parent"]: context["parent_run_id"], SEARCH_TAGS["name"]: cfg.name,
+            SEARCH_TAGS["trial"]: ray.tune.get_context().get_trial_id()}
+    params = {f"search/{key}": value for key, value in values.items()}
+    callback = ValidationReportCallback(tracking_uri, name, trial_cfg.tracking.experiment, cfg.metric)
+    launch("stage2", trial_cfg, working_dir=root, callbacks=[callback], run_tags=tags, run_params=params)
+
+
+def _history(tracking_uri: str, run_id: str, key: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri).get_metric_history(run_id, key)
