@@ -5,8 +5,9 @@
 
 Products, logged to the job's MLflow run: ``perceiver/`` and ``medium_tier/`` (safetensors + JSON),
 which stage 2 takes as ``runs:/<run id>/perceiver`` and ``runs:/<run id>/medium_tier``; with
-``tracking.register_as=NAME`` they are also registered as ``models:/NAME-perceiver/<version>`` and
-``models:/NAME-medium-tier/<version>``.
+``tracking.register_as=NAME`` they are also registered as MLflow models (loadable with
+``mlflow.pyfunc.load_model``, weights still safetensors) ``models:/NAME-perceiver/<version>`` and
+``models:/NAME-medium-tier/<version>``, tagged with their lineage (``perceive-registry show``).
 """
 
 import sys
