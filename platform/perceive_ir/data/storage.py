@@ -40,7 +40,7 @@ def is_unreachable(err: BaseException) -> bool:
             return True
         name = type(err).__name__
         if name in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
-                    "ClientConnectorError", "ServerDisconnectedError", "NoCredentialsError"):
+                    "ClientConnectorError", "ServerDisconnectedError"):
             return True
         err, seen = err.__cause__ or err.__context__, seen + 1
     return False

@@ -10,9 +10,13 @@ repository travel (relative to it), and any other local path is refused with the
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import fnmatch
 import json
 import os
+import shutil
+import tempfile
 import socket
 import uuid
 from dataclasses import dataclass
@@ -21,9 +25,9 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 from perceive_ir.data.storage import ENDPOINT_VARIABLE, StorageError, is_unreachable
-from perceive_ir.orchestration.config import JobConfig, path_settings, set_setting
+from perceive_ir.orchestration.config import JobConfig, is_local_path, path_settings, set_setting
 
-__all__ = ["PreflightError", "Placement", "placement", "preflight", "resolve_paths"]
+__all__ = ["PreflightError", "Placement", "placement", "preflight", "resolve_paths", "local_ray_temporary_folder"]
 
 _SHARED = "a storage URL: s3://bucket/prefix, or file:///path on a file system every node mounts"
 _LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "::1", "0.0.0.0", "auto", "local"}
@@ -142,9 +146,10 @@ def _check_files(cfg: JobConfig, paths: dict[str, str], root: Path, where: Place
             continue  # checked with their own rules below
         if not _local(value, root).exists():
             raise PreflightError(key, f"file '{value}' does not exist{_hint(where)}")
-    ds = _local(cfg.engine.deepspeed_config, root)
+    if not is_local_path(cfg.engine.deepspeed_config):
+        raise PreflightError("engine.deepspeed_config", f"'{cfg.engine.deepspeed_config}': give a local JSON file")
     try:
-        json.loads(ds.read_text())
+        json.loads(_local(cfg.engine.deepspeed_config, root).read_text())
     except ValueError as err:
         raise PreflightError("engine.deepspeed_config", f"'{cfg.engine.deepspeed_config}' is not JSON: {err}") from None
 
@@ -275,3 +280,39 @@ def _check_storage(cfg: JobConfig) -> None:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise PreflightError("storage.path", f"'{cfg.storage.path}' cannot be written: {message}",
                              is_unreachable(err) or "cannot be reached" in message) from None
+
+
+@contextlib.contextmanager
+def local_ray_temporary_folder():
+    """Around the ``ray.init`` that starts a local Ray: its processes (workers, agents) get a
+    temporary folder of this driver's own, removed when the driver exits. Processes killed hard
+    (with a killed driver, or at Ray's shutdown) cannot remove what they left there; the folders
+    of drivers no longer alive are removed here, at the next launch. Ray's session folder stays
+    where it would have been."""
+    root = Path(tempfile.gettempdir()) / "perceive_ir_jobs" / str(os.getuid())
+    for stale in root.glob("*"):
+        if stale.name.isdigit() and not _alive(int(stale.name)):
+            shutil.rmtree(stale, ignore_errors=True)
+    scratch = root / str(os.getpid())
+    scratch.mkdir(parents=True, exist_ok=True)
+    atexit.register(shutil.rmtree, scratch, True)  # registered before ray.init: runs after Ray's shutdown
+    os.environ.setdefault("RAY_TMPDIR", tempfile.gettempdir())
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(scratch)  # inherited by the processes that ray.init starts
+    try:
+        yield str(scratch)
+    finally:
+        if previous is None:
+            os.environ.pop("TMPDIR")
+        else:
+            os.environ["TMPDIR"] = previous
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

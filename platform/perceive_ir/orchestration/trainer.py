@@ -70,6 +70,12 @@ def connect(settings: RaySettings, working_dir: Optional[Path]) -> None:
     if not settings.address and job_env is None:
         # Read by a raylet this process starts; ignored when ray.init joins a running cluster.
         os.environ.setdefault("RAY_worker_niceness", str(settings.local_worker_niceness))
+        from perceive_ir.orchestration.preflight import local_ray_temporary_folder
+
+        with local_ray_temporary_folder() as scratch:  # what its processes leave goes with this driver
+            env["env_vars"]["TMPDIR"] = scratch
+            ray.init(**kwargs)
+        return
     ray.init(**kwargs)
 
 
