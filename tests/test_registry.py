@@ -261,7 +261,7 @@ def test_promotion_gates_and_the_registry_cli(sqlite_registry, made, ray_session
     # another suite (other seed, other hash): the champion has no evaluation there
     with pytest.raises(PromotionRefused, match="champion reg-restorer v2 has no evaluation"):
         promote("reg-restorer", "3", suite, uri, overrides=["seed=9"])
-    assert aliases("reg-restorer") == {"champion": "2", "previous": "1"}
+    assert aliases("reg-restorer") == {"champion": "2", "previous": "1"} and evaluations() == 3
 
     assert registry_cli.main(["--tracking-uri", uri, "list"]) == 0
     listing = capsys.readouterr().out.splitlines()
@@ -316,7 +316,7 @@ mixed = np.empty(2, dtype=object)
 mixed[:] = [images[0], images[1, :20, :13]]
 np.savez(sys.argv[2], uint8=restorer.predict(images), float=restorer.predict(images.astype(np.float32) / 255),
          mixed=restorer.predict(mixed)[1], quality=perceiver.predict(images).to_numpy(),
-         columns=np.array(perceiver.predict(images).columns))
+         columns=np.array([str(c) for c in perceiver.predict(images).columns]))
 """
 
 

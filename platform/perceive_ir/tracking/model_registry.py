@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -106,19 +107,21 @@ def log_product_model(tracking_uri: str, run_id: str, product: str, folder: Path
     """Log a product folder as an MLflow model of ``run_id``; returns the model id."""
     import mlflow
     from mlflow.models import Model
-
-    from perceive_ir.tracking.pyfunc_models import product_kind, signature
-
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    kind = product_kind(folder)
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_run(run_id).info.experiment_id
     if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment).tags:  # the UI's model-training view
         client.set_experiment_tag(experiment, EXPERIMENT_KIND_TAG, "custom_model_development")
-    model = client.create_logged_model(experiment, name=product, source_run_id=run_id, tags=dict(tags or {}),
-                                       model_type=kind)
-    with _use_tracking_uri(tracking_uri):  # Model.log reads the global tracking URI
+    # Model.log reads the global tracking URI; MLflow's advice on type hints and input examples does not
+    # apply (the signature is explicit)
+    with _use_tracking_uri(tracking_uri), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(type hints|input example).*", category=UserWarning)
+        from perceive_ir.tracking.pyfunc_models import product_kind, signature
+
+        kind = product_kind(folder)
+        model = client.create_logged_model(experiment, name=product, source_run_id=run_id, tags=dict(tags or {}),
+                                           model_type=kind)
         info = Model.log(artifact_path=None, name=product, flavor=mlflow.pyfunc, run_id=run_id, model_id=model.model_id,
                          python_model=str(MODEL_CODE), artifacts={PRODUCT_ARTIFACT: str(folder)},
                          signature=signature(kind), pip_requirements=_requirements(),

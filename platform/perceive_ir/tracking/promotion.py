@@ -10,7 +10,7 @@ version is reused), then ``@champion`` moves to it only when
 (c) the candidate's perceiver (prompts sha256 + CLIP identity) is the pair's perceiver: the
     champion's, or, while the restorer has no champion, the version at ``<base>-perceiver@champion``.
 
-Without a champion, (a) and (b) hold vacuously; (c) then needs the candidate's perceiver lineage,
+(c) and (a) are checked before any scoring. Without a champion, (a) and (b) hold vacuously; (c) then needs the candidate's perceiver lineage,
 and the perceiver champion's when there is one. Otherwise ``PromotionRefused`` names the reason and
 no alias changes. On success the old champion becomes ``@previous``, and the candidate's perceiver
 and medium-tier versions (when registered) become ``@champion`` of their models: the pair moves
@@ -155,6 +155,13 @@ def promote(name: str, version: str, suite_file: str | Path, tracking_uri: str, 
     _check_perceiver(client, name, candidate, champion)
 
     cfg, digest = _suite(suite_file, overrides, f"models:/{name}/{version}", tracking_uri)
+    best = None
+    if champion is not None:  # gate (a) before any scoring
+        best = evaluation_of(champion.tags, cfg.name, digest, gates.metric)
+        if best is None:
+            raise PromotionRefused(
+                f"the champion {name} v{champion.version} has no evaluation on suite '{cfg.name}' (hash {digest}): "
+                f"evaluate it first (jobs/evaluate.py --config {suite_file} model=models:/{name}@{CHAMPION})")
     score = evaluation_of(candidate.tags, cfg.name, digest, gates.metric)
     evaluated = False
     if score is None and evaluate:
@@ -169,12 +176,7 @@ def promote(name: str, version: str, suite_file: str | Path, tracking_uri: str, 
                                f"with metric '{gates.metric}'")
 
     result = Promotion(name, str(version), cfg.name, digest, score, evaluated=evaluated)
-    if champion is not None:
-        best = evaluation_of(champion.tags, cfg.name, digest, gates.metric)
-        if best is None:
-            raise PromotionRefused(
-                f"the champion {name} v{champion.version} has no evaluation on suite '{cfg.name}' (hash {digest}): "
-                f"evaluate it first (jobs/evaluate.py --config {suite_file} model=models:/{name}@{CHAMPION})")
+    if best is not None:
         if not _beats(score, best, gates):
             raise PromotionRefused(
                 f"{name} v{version} does not beat the champion v{champion.version} on {cfg.name}/{gates.metric} by "
@@ -182,7 +184,6 @@ def promote(name: str, version: str, suite_file: str | Path, tracking_uri: str, 
         result.champion, result.champion_score = str(champion.version), best
     _set_champion(client, name, str(version))
     result.moved = {name: str(version), **_move_pair_aliases(client, candidate)}
-    client.set_model_version_tag(name, str(version), "promotion",
-                                 f"{cfg.name}/{gates.metric} {score:.4f}" + (
-                                     f" over v{champion.version} {result.champion_score:.4f}" if champion else " (first)"))
+    over = f" over v{result.champion} {best:.4f}" if best is not None else " (first champion)"
+    client.set_model_version_tag(name, str(version), "promotion", f"{cfg.name}/{gates.metric} {score:.4f}{over}")
     return result
