@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tune: search '{plan.cfg.name}' done; MLflow run {result.parent_run_id}")
     print(f"MLFLOW_RUN_ID={result.parent_run_id}")
     for product, uri in (result.registered or {}).items():
+        name, version = uri[len("models:/"):].rsplit("/", 1)
         print(f"best {product}: {uri}")
+        print(f"  offered for promotion, never promoted here: python jobs/evaluate.py --config <suite> model={uri}; "
+              f"perceive-registry promote {name} {version} --suite <suite>")
     return 0
 
 

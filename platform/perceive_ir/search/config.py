@@ -55,7 +55,7 @@ class SearchConfig:
     search: SearchAlgorithmConfig = field(default_factory=SearchAlgorithmConfig)
     trial_driver_memory_mb: int = 256  # what the Tune function itself reserves (it holds no CPU)
     state_save_period_s: float = 10.0  # how often Tune saves the search's state to storage
-    stopped_trial_grace_s: float = 5.0  # a trial the scheduler stopped is killed after this many seconds
+    stopped_trial_grace_s: int = 5  # a trial the scheduler stopped is killed after this many seconds
     register_as: Optional[str] = None  # register the best trial's restorer as '<register_as>-restorer'
 
     def __post_init__(self) -> None:

@@ -81,11 +81,13 @@ def write_plot(records: list[TrialRecord], keys: list[str], log_keys: set[str], 
         if finite:
             steps, values = zip(*finite)
             curves.plot(steps, values, "--" if r.status == "early-stopped" else "-", marker="o", markersize=3,
-                        label=r.trial_id, color=colours.get(r.status))
+                        label=f"{r.trial_id} ({r.status})")
     curves.set_xlabel("step", fontsize=8)
     curves.set_ylabel(metric_label, fontsize=8)
     curves.set_title("validation curves (dashed: stopped early)", fontsize=9)
     curves.grid(alpha=0.3)
+    if curves.get_legend_handles_labels()[0]:
+        curves.legend(fontsize=6, ncol=2)
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
         axes[0][0].legend(handles, labels, fontsize=7)

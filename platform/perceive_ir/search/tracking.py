@@ -28,7 +28,7 @@ BEST_TAG = "search.best_registered"
 
 def open_parent_run(plan: SearchPlan) -> tuple[str, str, bool]:
     """``(tracking URI, parent run id, created)``: the search's run, in the stage-2 runs' experiment."""
-    params = {f"search.{k}": v for k, v in flatten(plan.cfg).items() if k != "space"}
+    params = {f"search.{k}": v for k, v in flatten(plan.cfg).items() if not k.startswith("space.")}
     params.update({f"space.{d.key}": f"{d.kind} {list(d.args)}" for d in plan.distributions})
     return find_or_create_run(plan.base.tracking, plan.cfg.name, params, version_tags(), "tune")
 

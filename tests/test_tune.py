@@ -1,0 +1,237 @@
+"""Ray Tune searches, all real: trials are stage-2 Ray Train + DeepSpeed runs (1 CPU worker each, two at
+a time), MLflow on SQLite, checkpoints on moto's S3 server on loopback.
+
+One search of four trials whose learning rates differ by orders of magnitude (so ASHA has trials to
+stop) is killed (SIGKILL) mid-search and launched again; the relaunch finishes it without training the
+trials that had ended. A bad search space fails before Ray starts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from _train_fixtures import build_tiny_shards
+from conftest import REPO
+from perceive_ir.config import ConfigError
+from perceive_ir.search import plan_search
+from perceive_ir.search.runner import TrialResources, asha_max_t, concurrent_trials
+from perceive_ir.search.space import parse_space
+
+SEARCH = "tune-test"
+EXPERIMENT = "tune-test"
+LEARNING_RATES = [3.0e-3, 1.0e-3, 1.0, 0.5]  # grid order: the two good ones start first
+MAX_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def perceiver(tmp_path_factory) -> Path:
+    """A stage-1 perceiver product (tiny random CLIP, untrained prompts)."""
+    from perceive_ir.config import from_dict
+    from perceive_ir.models import PerceiverConfig
+    from perceive_ir.train.products import ensure_clip_weights, save_perceiver
+
+    root = tmp_path_factory.mktemp("perceiver")
+    raw = yaml.safe_load((REPO / "configs/models/perceiver_tiny.yaml").read_text())
+    raw["arch_config"] = str(REPO / raw["arch_config"])
+    cfg = ensure_clip_weights(from_dict(PerceiverConfig, raw), seed=0, cache=root / "clip")
+    return save_perceiver(cfg.build(), cfg, root / "perceiver")
+
+
+def write_search(folder: Path, shards: str, perceiver: Path, storage: dict, **extra) -> Path:
+    search = {
+        "name": SEARCH, "base": "configs/stage2_tiny.yaml",
+        "stage2": {
+            "perceiver": str(perceiver),
+            "data": {"train": {"sources": [{"location": shards}], "samples_per_epoch": 24, "patch_size": 32},
+                     "validation": {"images": 2, "patch_size": 32, "types": ["gaussian_noise", "haze"]}},
+            "loop": {"max_steps": MAX_STEPS, "val_every": 2, "log_every": 2},
+            "optimizer": {"warmup_steps": 0},
+            "ray": {"num_workers": 1, "health_check_interval_s": 0.1},
+            "storage": storage,
+            "tracking": {"uri": f"sqlite:///{folder / 'mlflow.db'}", "experiment": EXPERIMENT},
+        },
+        "space": {"optimizer.lr": {"grid": LEARNING_RATES}, "loss.l3": {"quniform": [0.05, 0.2, 0.05]}},
+        "num_trials": 1, "concurrency": 2,
+        "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 4},  # one rung, at step 2
+        "state_save_period_s": 1, "register_as": "tune-test",
+        **extra,
+    }
+    path = folder / "search.yaml"
+    path.write_text(yaml.safe_dump(search, sort_keys=False))
+    return path
+
+
+def nested_runs(client, parent_run_id: str):
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+def parent_run(client):
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return None
+    runs = client.search_runs([experiment.experiment_id], f"tags.`perceive_ir.run_name` = '{SEARCH}'")
+    return runs[0] if runs else None
+
+
+def start_search(config: Path, log: Path) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.Popen([sys.executable, "jobs/tune.py", "--config", str(config)], cwd=REPO, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def killed_and_relaunched(package_photos, perceiver, s3_module_bucket, tmp_path_factory):
+    """The search, killed with SIGKILL once a trial has ended (finished or stopped early), then launched again."""
+    from mlflow.tracking import MlflowClient
+
+    bucket, options = s3_module_bucket
+    root = tmp_path_factory.mktemp("tune")
+    shards = build_tiny_shards(package_photos, str(root / "shards"))
+    storage = {"path": f"{bucket}/ray", "endpoint_url": options["endpoint_url"], "keep_last": 2}
+    config = write_search(root, shards, perceiver, storage)
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    first = start_search(config, root / "first.log")
+    ended_at_kill: dict[str, str] = {}
+    validated_at_kill: set[str] = set()
+    try:
+        deadline = time.time() + 420
+        while time.time() < deadline and first.poll() is None:
+            parent = parent_run(client)
+            runs = nested_runs(client, parent.info.run_id) if parent else []
+            ended = {r.info.run_id: r.info.status for r in runs if r.info.status in ("FINISHED", "KILLED")}
+            if ended:
+                os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
+                ended_at_kill = ended
+                validated_at_kill = {r.info.run_id for r in runs if "val/mean/psnr_out" in r.data.metrics}
+                break
+            time.sleep(1)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert ended_at_kill, (root / "first.log").read_text()[-4000:]
+    time.sleep(2)  # let the killed processes' sockets close before a new local Ray starts
+    second = subprocess.run([sys.executable, "jobs/tune.py", "--config", str(config)], cwd=REPO, capture_output=True,
+                            text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    return {"client": client, "ended_at_kill": ended_at_kill, "validated_at_kill": validated_at_kill,
+            "bucket": bucket, "options": options, "output": second.stdout}
+
+
+def test_search_with_asha_nested_runs_and_the_best_registered(killed_and_relaunched):
+    client = killed_and_relaunched["client"]
+    parent = parent_run(client)
+    assert parent.info.status == "FINISHED" and parent.data.tags["launches"] == "2"
+    runs = nested_runs(client, parent.info.run_id)
+    assert len(runs) == len(LEARNING_RATES)  # one nested run per trial, none started twice as a new run
+    assert sorted(float(r.data.params["search/optimizer.lr"]) for r in runs) == sorted(LEARNING_RATES)
+    assert all(r.data.params["optimizer.lr"] == r.data.params["search/optimizer.lr"] for r in runs)
+    stopped = [r for r in runs if r.data.tags.get("search.early_stopped") == "true"]
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert stopped and finished and len(stopped) + len(finished) == len(runs)
+    assert all(r.info.status == "KILLED" for r in stopped)
+    for run in stopped:  # stopped at a validation before the last step
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/mean/psnr_out")]
+        assert max(steps) < MAX_STEPS
+    for run in finished:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/mean/psnr_out")]
+        assert steps == [2, MAX_STEPS]
+    best_tag = parent.data.tags["search.best_registered"]
+    best = max(finished, key=lambda r: r.data.metrics["val/mean/psnr_out"])
+    assert best_tag.startswith(best.info.run_id + " ")
+    assert parent.data.tags["search.best_trial"] == best.data.tags["search.trial_id"]
+    (version,) = client.search_model_versions("name = 'tune-test-restorer'")
+    assert version.run_id == best.info.run_id
+    assert version.tags["search.parent_run_id"] == parent.info.run_id
+    assert float(version.tags["search.value.optimizer.lr"]) == float(best.data.params["optimizer.lr"])
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
+    assert {"search/results.csv", "search/results.md", "search/search_plot.png"} <= artifacts
+    table = Path(client.download_artifacts(parent.info.run_id, "search/results.csv")).read_text().splitlines()
+    assert table[0].startswith("trial,optimizer.lr,loss.l3,objective") and len(table) == 1 + len(LEARNING_RATES)
+    assert "early-stopped" in "\n".join(table)
+
+
+def test_relaunch_after_kill_does_not_train_ended_trials_again(killed_and_relaunched):
+    client = killed_and_relaunched["client"]
+    runs = {r.info.run_id: r for r in nested_runs(client, parent_run(client).info.run_id)}
+    for run_id in killed_and_relaunched["ended_at_kill"]:
+        assert runs[run_id].data.tags["launches"] == "1", run_id  # not launched again
+    for run_id, run in runs.items():  # runs interrupted after a validation resumed from its checkpoint
+        if run_id in killed_and_relaunched["validated_at_kill"] and run_id not in killed_and_relaunched["ended_at_kill"] \
+                and run.data.tags["launches"] == "2":
+            resumed = [m.value for m in client.get_metric_history(run_id, "resumed_from_step")]
+            assert resumed and resumed[0] >= 2
+
+
+def test_trial_checkpoints_live_under_the_storage_path(killed_and_relaunched):
+    from perceive_ir.data.storage import filesystem
+
+    fs, path = filesystem(f"{killed_and_relaunched['bucket']}/ray/{SEARCH}", killed_and_relaunched["options"])
+    trial_runs = fs.ls(f"{path}/train")
+    assert len(trial_runs) == len(LEARNING_RATES)
+    assert any("checkpoint_" in name for name in fs.find(trial_runs[0], withdirs=True))
+    assert any(Path(name).name.startswith("experiment_state") for name in fs.ls(path))  # Tune's state, for restore
+
+
+def test_a_bad_search_space_fails_before_ray_starts(tmp_path, perceiver):
+    import ray
+
+    storage = {"path": str(tmp_path / "ray")}
+    cases = [
+        ({"loss.l9": {"uniform": [0.0, 1.0]}}, "search space 'loss.l9'.*value 0.0: unknown key 'loss.l9' in LossConfig"),
+        ({"loss.l1": {"gaussian": [0.0, 1.0]}}, "search space 'loss.l1': unknown distribution 'gaussian'"),
+        ({"loss.l1": {"loguniform": [0.0, 1.0]}}, "search space 'loss.l1': 'loguniform' needs low > 0"),
+        ({"loss.perceptual.params.tier_thresholds.0": {"uniform": [0.1, 0.9]}},
+         "search space 'loss.perceptual.params.tier_thresholds.0'.*with value 0.9.*must be increasing"),
+        ({"loss.perceptual.params.tier_thresholds.5": {"uniform": [0.1, 0.2]}}, "'loss.perceptual.params.tier_thresholds' has 2 items"),
+    ]
+    for space, message in cases:
+        config = write_search(tmp_path, "shards", perceiver, storage)
+        raw = yaml.safe_load(config.read_text())
+        raw["space"] = space
+        raw["stage2"]["loss"] = {"perceptual": {"params": {"tier_thresholds": [0.3, 0.6], "tier_weights": [1, 1, 1],
+                                                           "vgg": {"pretrained": False}}}}
+        config.write_text(yaml.safe_dump(raw))
+        with pytest.raises(ConfigError, match=message):
+            plan_search(config)
+    out = subprocess.run([sys.executable, "jobs/tune.py", "--config", str(config)], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "search space 'loss.perceptual.params.tier_thresholds.5'" in out.stderr
+    assert "Started a local Ray instance" not in out.stdout + out.stderr
+    assert not ray.is_initialized()
+
+
+def test_trials_at_once_never_exceed_what_the_cluster_holds():
+    one_worker, two_workers = TrialResources(1, 0, 2**28), TrialResources(2, 0, 2**28)
+    assert concurrent_trials(2, 4, one_worker, {"CPU": 2.0}) == 2
+    assert concurrent_trials(2, 4, two_workers, {"CPU": 2.0}) == 1
+    assert concurrent_trials(8, 3, one_worker, {"CPU": 16.0}) == 3
+    assert concurrent_trials(4, 8, TrialResources(4, 4, 2**28), {"CPU": 64.0, "GPU": 8.0}) == 2
+    with pytest.raises(ConfigError, match="one trial needs 2 CPUs"):
+        concurrent_trials(1, 1, two_workers, {"CPU": 1.0})
+    assert one_worker.driver_bundle() == {"CPU": 0, "memory": float(2**28)}
+    assert asha_max_t(6, 2, 2) == 4 and asha_max_t(7, 2, 2) == 6
+    with pytest.raises(ConfigError, match="grace_period 6"):
+        asha_max_t(6, 2, 6)
+
+
+def test_distributions_parse_and_quantised_bounds_round_to_the_step():
+    (q,) = parse_space({"loss.l2": {"quniform": [0.01, 0.2, 0.05]}}, "x.yaml")
+    assert q.probe_values() == pytest.approx([0.05, 0.2])
+    (g,) = parse_space({"loss.l2": {"grid": [0.0, 0.1]}}, "x.yaml")
+    assert g.tune_domain() == {"grid_search": [0.0, 0.1]}
+    (lg,) = parse_space({"optimizer.lr": {"loguniform": [1e-4, 1e-2]}}, "x.yaml")
+    assert lg.is_log and 1e-4 <= lg.tune_domain().sample() <= 1e-2
+    with pytest.raises(ConfigError, match="'quniform' needs \\[low, high, step\\]"):
+        parse_space({"loss.l2": {"quniform": [0.0, 1.0]}}, "x.yaml")
+    with pytest.raises(ConfigError, match="'space' is empty"):
+        parse_space({}, "x.yaml")
