@@ -166,6 +166,10 @@ def test_products_are_models_from_code_with_lineage_tags(sqlite_registry, made):
     assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".pickle")]
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # the run's product folders stay what runs:/ names (stage 2 takes runs:/<stage-1 run>/perceiver)
+    folder = products.resolve_product(f"runs:/{uris['run1']}/perceiver", "perceiver", "perceiver", uri)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in f["perceiver0"].iterdir())
+    assert products.load_perceiver(folder).identity.weights_sha256 == sha256(made["clips"][0])
     # a relaunch of the finished run registers nothing new
     s2 = job_config(Stage2Config, uri, made["shards"], "reg", perceiver=f"runs:/{uris['run1']}/perceiver")
     assert register_products("stage2", s2, RunTracker(uri, uris["run2-2"])) == {"restorer": "models:/reg-restorer/2"}

@@ -144,7 +144,7 @@ def register_products(stage: str, cfg: JobConfig, tracker: RunTracker, *, search
     for key in ("perceiver", "medium_tier"):  # stage 2's inputs (stage 1 may reuse a medium tier)
         location = getattr(cfg, key, None)
         if isinstance(location, str) and location:
-            upstream.update(registry.upstream_tags(key, location, key, tracker.uri))
+            upstream.update(registry.upstream_tags(key, location, tracker.uri))
     uris: dict[str, str] = {}
     for product in sorted(PRODUCTS[stage], key=lambda p: p != "medium_tier"):  # a perceiver names its medium tier
         done = registry.registered_from_run(tracker.uri, tracker.run_id, product)
@@ -152,11 +152,11 @@ def register_products(stage: str, cfg: JobConfig, tracker: RunTracker, *, search
             uris[product] = f"models:/{done.name}/{done.version}"
             continue
         if product == "perceiver" and "medium_tier" in uris:
-            upstream.update(registry.upstream_tags("medium_tier", uris["medium_tier"], "medium_tier", tracker.uri))
+            upstream.update(registry.upstream_tags("medium_tier", uris["medium_tier"], tracker.uri))
         folder = registry.download_run_product(tracker.uri, tracker.run_id, product)
         tags = registry.product_lineage(product, folder, run_tags, tracker.run_id, to_dict(cfg), shards, upstream,
                                         search_run) | dict(extra_tags or {})
-        uris[product] = registry.register_product(tracker.uri, tracker.run_id, product, folder,
+        uris[product] = registry.register_product(tracker.uri, tracker.run_id, folder,
                                                   f"{cfg.tracking.register_as}-{product.replace('_', '-')}", tags)
         log.info("%s registered as %s", product, uris[product])
     return uris

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 __all__ = ["MODEL_CODE", "PICKLE_SUFFIXES", "UnsafeModelError", "refuse_pickled", "model_product_folder",
-           "folder_weights_sha256", "log_product_model", "registered_from_run", "product_lineage", "register_product", "load_model",
-           "perceiver_identity"]
+           "folder_weights_sha256", "log_product_model", "register_product", "registered_from_run", "upstream_tags",
+           "product_lineage", "shard_manifest_tags", "perceiver_identity", "load_model"]
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_models.py")
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".pt", ".pth", ".ckpt", ".cloudpickle")
@@ -102,9 +102,11 @@ def _requirements() -> list[str]:
     return found
 
 
-def log_product_model(tracking_uri: str, run_id: str, product: str, folder: Path,
+def log_product_model(tracking_uri: str, run_id: str, name: str, folder: Path,
                       tags: Optional[Mapping[str, str]] = None) -> str:
-    """Log a product folder as an MLflow model of ``run_id``; returns the model id."""
+    """Log a product folder as an MLflow model ``name`` of ``run_id``; returns the model id. The name
+    must differ from the run's artifact folders: ``runs:/<run>/<name>`` means the model in MLflow 3,
+    and ``runs:/<run>/perceiver`` must stay the product folder."""
     import mlflow
     from mlflow.models import Model
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
@@ -113,31 +115,30 @@ def log_product_model(tracking_uri: str, run_id: str, product: str, folder: Path
     experiment = client.get_run(run_id).info.experiment_id
     if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment).tags:  # the UI's model-training view
         client.set_experiment_tag(experiment, EXPERIMENT_KIND_TAG, "custom_model_development")
-    # Model.log reads the global tracking URI; MLflow's advice on type hints and input examples does not
-    # apply (the signature is explicit)
+    # Model.log reads the global tracking URI; its advice to give an input example does not apply
+    # (the signature is explicit, and an example would be run at logging)
     with _use_tracking_uri(tracking_uri), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(type hints|input example).*", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*input example.*", category=UserWarning)
         from perceive_ir.tracking.pyfunc_models import product_kind, signature
 
         kind = product_kind(folder)
-        model = client.create_logged_model(experiment, name=product, source_run_id=run_id, tags=dict(tags or {}),
+        model = client.create_logged_model(experiment, name=name, source_run_id=run_id, tags=dict(tags or {}),
                                            model_type=kind)
-        info = Model.log(artifact_path=None, name=product, flavor=mlflow.pyfunc, run_id=run_id, model_id=model.model_id,
+        info = Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, model_id=model.model_id,
                          python_model=str(MODEL_CODE), artifacts={PRODUCT_ARTIFACT: str(folder)},
                          signature=signature(kind), pip_requirements=_requirements(),
                          metadata={"product": kind, "input": "B x H x W x 3 images, uint8 0..255 or float in [0, 1]"})
     return info.model_id
 
 
-def register_product(tracking_uri: str, run_id: str, product: str, folder: Path, model_name: str,
-                     tags: Mapping[str, str]) -> str:
-    """Log the product as a model of the run and register it as a new version of ``model_name``
+def register_product(tracking_uri: str, run_id: str, folder: Path, model_name: str, tags: Mapping[str, str]) -> str:
+    """Log the product folder as a model of the run and register it as a new version of ``model_name``
     with ``tags``; returns ``models:/<name>/<version>``."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
-    model_id = log_product_model(tracking_uri, run_id, product, folder, tags)
+    model_id = log_product_model(tracking_uri, run_id, model_name, folder, tags)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         client.create_registered_model(model_name, description="Perceive-IR stage product (pyfunc from code)")
@@ -186,12 +187,12 @@ def _registered_for(location: str, product: str, tracking_uri: str):
     return registered_from_run(tracking_uri, location[len("runs:/"):].split("/", 1)[0], product)
 
 
-def upstream_tags(key: str, location: str, product: str, tracking_uri: str) -> dict[str, str]:
+def upstream_tags(key: str, location: str, tracking_uri: str) -> dict[str, str]:
     """Lineage tags of an input product (``key`` = perceiver | medium_tier) given as ``location``."""
     from perceive_ir.train.products import resolve_product
 
     tags = {f"{LINEAGE}{key}.location": location}
-    version = _registered_for(location, product, tracking_uri)
+    version = _registered_for(location, key, tracking_uri)
     if version is not None:
         tags[f"{LINEAGE}{key}"] = f"models:/{version.name}/{version.version}"
         tags[f"{LINEAGE}{key}.run_id"] = version.run_id or ""

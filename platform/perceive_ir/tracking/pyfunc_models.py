@@ -20,7 +20,7 @@ import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel
 
-PRODUCT_ARTIFACT = "product"
+from perceive_ir.tracking.model_registry import PRODUCT_ARTIFACT
 PRODUCT_FILES = {"restorer": "restorer.json", "perceiver": "perceiver.json", "medium_tier": "medium_tier.json"}
 QUALITY_COLUMNS = ("p_low", "p_medium", "p_high", "quality")
 
@@ -108,7 +108,7 @@ class ProductModel(PythonModel):
         for network in self.networks:
             network.eval().to(self.device)
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+    def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None):
         import torch
 
         params = params or {}
