@@ -19,6 +19,7 @@ from typing import Any, Mapping, Optional
 from urllib.parse import urlsplit, urlunsplit
 
 from perceive_ir.data.storage import is_secret_name
+from perceive_ir.tracking.buffer import BufferSettings, TrackingBuffer, limit_client_retries
 
 __all__ = ["TrackingConfig", "resolve_tracking_uri", "find_or_create_run", "RunTracker", "redact_params",
            "version_tags", "RUN_NAME_TAG", "safe_uri"]
@@ -33,6 +34,24 @@ class TrackingConfig:
     default_db: str = "mlflow.db"
     artifact_location: Optional[str] = None  # new experiments only; None: 'mlartifacts' beside a SQLite file
     register_as: Optional[str] = None  # register the job's products as models '<register_as>-<product>'
+    # Logging from training goes through a buffer written in the background (see tracking.buffer).
+    buffer_max_metric_points: int = 100_000  # beyond it, the oldest pending points are dropped and counted
+    drain_timeout_s: float = 600.0  # the end of a job waits this long for the store to take the buffer
+    retry_max_interval_s: float = 10.0  # longest pause between tries while the store is away
+    spool_dir: Optional[str] = None  # artifacts waiting for the store; None: <temporary folder>/perceive_ir_spool
+    http_max_retries: int = 1  # MLflow's own HTTP retries per try (its default, 7, blocks for minutes)
+    http_timeout_s: int = 15  # MLflow's HTTP timeout per request (its default: 120 s)
+
+    def __post_init__(self) -> None:
+        if self.buffer_max_metric_points < 1 or self.drain_timeout_s < 0 or self.retry_max_interval_s <= 0:
+            raise ValueError("tracking: buffer_max_metric_points must be >= 1, drain_timeout_s >= 0 and "
+                             "retry_max_interval_s > 0")
+        if self.http_max_retries < 0 or self.http_timeout_s < 1:
+            raise ValueError("tracking: http_max_retries must be >= 0 and http_timeout_s >= 1")
+
+    def buffer_settings(self) -> BufferSettings:
+        return BufferSettings(self.buffer_max_metric_points, self.drain_timeout_s, self.retry_max_interval_s,
+                              self.spool_dir)
 
 
 def resolve_tracking_uri(cfg: TrackingConfig) -> str:
@@ -138,18 +157,32 @@ def find_or_create_run(cfg: TrackingConfig, run_name: str, params: Mapping[str, 
 
 
 class RunTracker:
-    """Logs into an existing run (rank 0 of the workers, or the driver)."""
+    """Logs into an existing run (rank 0 of the workers, or the driver).
 
-    def __init__(self, uri: str, run_id: str) -> None:
+    With ``background=True`` every write goes through a :class:`TrackingBuffer` (the caller never
+    waits on the store); :meth:`register` and :meth:`finish` wait for it to drain first, and
+    :meth:`close` ends it. Otherwise each call writes at once, so a read that follows sees it."""
+
+    def __init__(self, uri: str, run_id: str, settings: Optional[TrackingConfig] = None,
+                 background: bool = False) -> None:
         from mlflow.tracking import MlflowClient
 
         self.uri, self.run_id = uri, run_id
+        self.settings = settings or TrackingConfig()
+        self.buffer: Optional[TrackingBuffer] = None
+        if background:
+            limit_client_retries(self.settings.http_max_retries, self.settings.http_timeout_s)
         self.client = MlflowClient(tracking_uri=uri)
+        if background:
+            self.buffer = TrackingBuffer(self.client, run_id, self.settings.buffer_settings())
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, v) for k, v in redact_params(params).items()]
+        if self.buffer is not None:
+            self.buffer.params(items)
+            return
         for start in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
@@ -158,13 +191,29 @@ class RunTracker:
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        if self.buffer is not None:
+            self.buffer.metrics(items, int(step))
+            return
         for start in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[start : start + 500])
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        if self.buffer is not None:
+            self.buffer.tags(dict(tags))
+            return
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
     def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.buffer is not None:
+            self.buffer.artifact(path, artifact_path)
+            return
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_folder(self, path: str | Path, artifact_path: str) -> None:
+        if self.buffer is not None:
+            self.buffer.artifact(path, artifact_path)
+            return
         self.client.log_artifacts(self.run_id, str(path), artifact_path)
 
     def log_table(self, columns: Mapping[str, list], artifact_file: str) -> None:
@@ -173,6 +222,9 @@ class RunTracker:
         would append the rows again)."""
         names = list(columns)
         rows = [list(row) for row in zip(*(columns[n] for n in names))]
+        if self.buffer is not None:
+            self.buffer.dict_artifact({"columns": names, "data": rows}, artifact_file)
+            return
         self.client.log_dict(self.run_id, {"columns": names, "data": rows}, artifact_file)
 
     def register(self, artifact: str, model_name: str) -> str:
@@ -180,6 +232,7 @@ class RunTracker:
         returns its ``models:/`` URI."""
         from mlflow.exceptions import MlflowException
 
+        self.wait_written()
         try:
             self.client.create_registered_model(model_name)
         except MlflowException:
@@ -188,5 +241,19 @@ class RunTracker:
                                                    run_id=self.run_id)
         return f"models:/{model_name}/{version.version}"
 
+    def wait_written(self) -> None:
+        """Wait (up to ``drain_timeout_s``) until everything logged is in the store, else raise
+        :class:`~perceive_ir.tracking.buffer.TrackingNotDrained`; the buffer stays open."""
+        if self.buffer is not None and not self.buffer.drain():
+            self.close(timeout_s=0)  # raises, naming what is missing and where it was saved
+
+    def close(self, timeout_s: Optional[float] = None) -> None:
+        """Drain and stop the background writer (nothing to do without one)."""
+        buffer, self.buffer = self.buffer, None
+        if buffer is not None:
+            buffer.close(timeout_s)
+
     def finish(self, status: str = "FINISHED") -> None:
+        """The run's final status, once everything logged before is written."""
+        self.close()
         self.client.set_terminated(self.run_id, status=status)
