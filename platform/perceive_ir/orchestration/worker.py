@@ -25,26 +25,58 @@ CONFIGS = {"stage1": Stage1Config, "stage2": Stage2Config}
 
 class RayReporter:
     """Checkpoints through ``ray.train.report``: every worker reports its own DeepSpeed shard folder,
-    Ray merges them into one checkpoint in the run's storage and keeps the last K."""
+    Ray merges them into one checkpoint in the run's storage and keeps the last K.
 
-    @contextlib.contextmanager
+    On resume the checkpoint Ray hands back is verified against its index; when it is broken the
+    older ones kept beside it in the run's storage are tried, newest first."""
+
     def latest(self):
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        # A private copy per worker: ``as_directory`` shares one folder between the workers of a
-        # node, and one worker leaving it can remove files another is still reading.
-        with tempfile.TemporaryDirectory(prefix="resume-") as directory:
-            checkpoint.to_directory(directory)
-            yield directory
+        from perceive_ir.train.checkpoint_index import select_checkpoint
+
+        return select_checkpoint(_kept_checkpoints(ray.train.get_checkpoint()))
 
     def report(self, metrics: dict[str, Any], directory: str) -> None:
         import ray.train
 
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    def preemption_notice(self) -> bool:
+        import ray.train
+
+        return ray.train.get_preemption_info() is not None
+
+
+def _kept_checkpoints(latest):
+    """The candidates to resume from: Ray's latest checkpoint, then the older ``checkpoint_*``
+    folders beside it in the run's storage (Ray names them by time), newest first."""
+    import posixpath
+
+    import pyarrow.fs
+    import ray.train
+
+    from perceive_ir.train.checkpoint_index import Candidate
+
+    if latest is None:
+        return
+    yield Candidate(posixpath.basename(latest.path), lambda: _private_copy(latest))
+    parent, name = posixpath.split(latest.path.rstrip("/"))
+    entries = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    older = sorted((e.path for e in entries if e.type == pyarrow.fs.FileType.Directory
+                    and e.base_name.startswith("checkpoint_") and e.base_name < name), reverse=True)
+    for path in older:
+        checkpoint = ray.train.Checkpoint(path, filesystem=latest.filesystem)
+        yield Candidate(posixpath.basename(path), lambda c=checkpoint: _private_copy(c))
+
+
+@contextlib.contextmanager
+def _private_copy(checkpoint):
+    # A private copy per worker: ``as_directory`` shares one folder between the workers of a
+    # node, and one worker leaving it can remove files another is still reading.
+    with tempfile.TemporaryDirectory(prefix="resume-") as directory:
+        checkpoint.to_directory(directory)
+        yield directory
 
 
 def training_settings(cfg: JobConfig) -> TrainingSettings:
@@ -109,8 +141,17 @@ def train_worker(payload: dict[str, Any]) -> None:
     init_distributed(device)
     from perceive_ir.tracking import RunTracker
 
-    tracker = RunTracker(payload["tracking_uri"], payload["run_id"]) if rank == 0 else None
+    # Rank 0 logs through a background buffer: training goes on while the store is away.
+    tracker = RunTracker(payload["tracking_uri"], payload["run_id"], cfg.tracking, background=True) if rank == 0 else None
     cache = Path(tempfile.gettempdir()) / "perceive_ir_cache" / f"{os.getuid()}"
-    task = build_task(stage, cfg, payload["tracking_uri"], cache)
-    state = run_training(task, training_settings(cfg), RayReporter(), tracker, rank, world_size, device)
+    try:
+        task = build_task(stage, cfg, payload["tracking_uri"], cache)
+        state = run_training(task, training_settings(cfg), RayReporter(), tracker, rank, world_size, device)
+    except BaseException:
+        if tracker is not None:  # a restart resumes from the last checkpoint: write what can be written
+            with contextlib.suppress(Exception):
+                tracker.close(timeout_s=min(30.0, cfg.tracking.drain_timeout_s))
+        raise
+    if tracker is not None:
+        tracker.close()  # the run's status and its products' registration follow: wait for the store
     log.info("rank %d finished at step %d", rank, state.step)

@@ -45,6 +45,7 @@ class FailureInjectionConfig:
     """Kill one worker once, to exercise recovery (tests and drills); off by default."""
 
     at_step: Optional[int] = None
+    at_steps: list[int] = field(default_factory=list)  # more deaths, once each (markers '<marker>.step<n>')
     rank: int = 1
     marker: Optional[str] = None  # a file created before dying: its presence means "already failed once"
 
@@ -58,12 +59,15 @@ class LoopConfig:
     checkpoint_every: int = 100
     grid_every_validations: int = 1
     seed: int = 0
+    preemption_check_every: int = 1  # steps between checks for a preemption notice (0: never)
     failure_injection: FailureInjectionConfig = field(default_factory=FailureInjectionConfig)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "log_every", "val_every", "checkpoint_every", "grid_every_validations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.preemption_check_every < 0:
+            raise ValueError("preemption_check_every must be >= 0")
 
     @property
     def last_step(self) -> int:

@@ -31,6 +31,7 @@ from perceive_ir.data.pipeline import LoaderConfig, build_loader
 from perceive_ir.degrade import DegradationConfig, Degrader
 from perceive_ir.eval.grid import save_grid
 from perceive_ir.eval.validation import HeldOutSet, ValidationConfig, mean_psnr
+from perceive_ir.train.checkpoint_index import Candidate, Selection, select_checkpoint, write_index
 from perceive_ir.train.config import EngineConfig, LoopConfig, OptimizerConfig
 from perceive_ir.train.engine import build_engine, deepspeed_settings, resolve_precision
 from perceive_ir.train.state import CHECKPOINT_TAG, TrainState, load_state, save_state
@@ -53,9 +54,13 @@ class TrainingSettings:
 
 
 class Reporter(Protocol):
-    def latest(self) -> ContextManager[Optional[str]]: ...
+    def latest(self) -> ContextManager[Selection]:
+        """The newest intact checkpoint (see :func:`select_checkpoint`), copied locally while open."""
 
     def report(self, metrics: dict[str, Any], directory: str) -> None: ...
+
+    def preemption_notice(self) -> bool:
+        """Whether the cluster announced that a node of the run is about to go (a collective call)."""
 
 
 class Tracker(Protocol):
@@ -75,10 +80,12 @@ class LocalReporter:
     def _existing(self) -> list[Path]:
         return sorted(self.folder.glob("step_*")) if self.folder.is_dir() else []
 
-    @contextlib.contextmanager
-    def latest(self):
-        found = self._existing()
-        yield str(found[-1]) if found else None
+    def latest(self) -> ContextManager[Selection]:
+        return select_checkpoint(Candidate(p.name, lambda p=p: contextlib.nullcontext(str(p)))
+                                 for p in reversed(self._existing()))
+
+    def preemption_notice(self) -> bool:
+        return False
 
     def report(self, metrics: dict[str, Any], directory: str) -> None:
         target = self.folder / f"step_{int(metrics['step']):08d}"
@@ -128,7 +135,8 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
     engine, scheduler = build_engine(task.model.to(device), task.param_groups(), task.schedule_factors(),
                                      settings.optimizer, ds_settings)
     state = TrainState(world_size=world_size)
-    with reporter.latest() as checkpoint:
+    with reporter.latest() as selection:
+        checkpoint = selection.directory
         if checkpoint is not None:
             path, _ = engine.load_checkpoint(checkpoint, tag=CHECKPOINT_TAG, load_module_strict=True)
             if path is None:
@@ -137,7 +145,8 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
             log.info("rank %d resumed at step %d from %s", rank, state.step, checkpoint)
     resumed_from = state.step
     if tracker is not None and checkpoint is not None:
-        tracker.log_metrics({"resumed_from_step": float(resumed_from)}, step=state.step)
+        tracker.log_metrics({"resumed_from_step": float(resumed_from),
+                             "checkpoint/broken_skipped": float(len(selection.rejected))}, step=state.step)
     if tracker is not None:
         _log_weight_identities(task.model, tracker)
 
@@ -153,12 +162,14 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
     last = cfg.last_step
     window: dict[str, Any] = {"terms": {}, "count": 0, "skipped": 0, "steps": 0, "start": time.perf_counter()}
     saved_at = -1
+    preemption = {"notice": False}
 
     def checkpoint_now(metrics: dict[str, Any]) -> None:
         nonlocal saved_at
         with tempfile.TemporaryDirectory(prefix="ckpt-") as directory:
             engine.save_checkpoint(directory, tag=CHECKPOINT_TAG)
             save_state(directory, state, rank)
+            write_index(directory, rank, world_size, state.step)  # last: its presence means complete
             reporter.report({"step": state.step, **metrics}, directory)
         saved_at = state.step
 
@@ -194,7 +205,7 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
             state.step += 1
             state.samples += samples_per_step
             window["steps"] += 1
-            _maybe_fail(cfg, state.step, rank)
+            _maybe_fail(cfg, state.step, rank, tracker)
             metrics: dict[str, float] = {}
             if state.step % cfg.log_every == 0 or state.step == last:
                 metrics = log_window()
@@ -204,7 +215,8 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
                 state.validations += 1
                 if rank == 0:
                     _validate(task, engine, held_out, tracker, state, cfg)
-            if state.step % cfg.checkpoint_every == 0 or state.step == last:
+            if (state.step % cfg.checkpoint_every == 0 or state.step == last
+                    or _preemption_announced(reporter, cfg, state.step, preemption)):
                 checkpoint_now({k: v for k, v in metrics.items() if k.startswith("train/")})
             if state.step >= last:
                 break
@@ -245,14 +257,31 @@ def _log_weight_identities(model: torch.nn.Module, tracker: Tracker) -> None:
         tracker.log_file(path, "weights")
 
 
-def _maybe_fail(cfg: LoopConfig, step: int, rank: int) -> None:
-    """Die once at the configured step, on the configured rank (recovery drills)."""
+def _preemption_announced(reporter: Reporter, cfg: LoopConfig, step: int, handled: dict[str, bool]) -> bool:
+    """Every ``preemption_check_every`` steps (on every rank: the check is collective), whether a new
+    preemption notice calls for a checkpoint now; a notice stays up, so it is answered once."""
+    if not cfg.preemption_check_every or step % cfg.preemption_check_every:
+        return False
+    if not reporter.preemption_notice() or handled["notice"]:
+        return False
+    handled["notice"] = True
+    log.warning("preemption announced: checkpoint at step %d", step)
+    return True
+
+
+def _maybe_fail(cfg: LoopConfig, step: int, rank: int, tracker: Tracker | None = None) -> None:
+    """Die once at each configured step, on the configured rank (recovery drills). What the rank
+    logged is written first, so a drill loses no metric point."""
     injection = cfg.failure_injection
-    if injection.at_step != step or injection.rank != rank or not injection.marker:
+    steps = ([injection.at_step] if injection.at_step is not None else []) + list(injection.at_steps)
+    if step not in steps or injection.rank != rank or not injection.marker:
         return
-    marker = Path(injection.marker)
+    marker = Path(injection.marker if step == steps[0] else f"{injection.marker}.step{step}")
     if marker.exists():
         return
+    close = getattr(tracker, "close", None)
+    if close is not None:
+        close()
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"worker {rank} stopped at step {step}\n")
     log.warning("failure injection: rank %d exits at step %d", rank, step)
