@@ -8,9 +8,12 @@ work folder, builds tiled WebDataset shards from them, verifies the shards again
 manifest and streams training batches (random crops and flips) with the loader, printing
 throughput. It then runs the stage-1 job (hold-out restorers, perceiver prompts) and the
 stage-2 job (the restorer with the quality-aware losses, taking the stage-1 products from
-MLflow), and prints validation PSNR/SSIM per degradation type, input against output. It ends
-with the benchmark protocol (jobs/evaluate.py) on the stage-2 restorer: full test images of a small
-suite (configs/eval/quickstart.yaml), its table and where the severity curves are.
+MLflow), and prints validation PSNR/SSIM per degradation type, input against output. The
+products are registered as MLflow models (``quickstart-perceiver``, ``quickstart-medium-tier``,
+``quickstart-restorer``) with their lineage. It ends with the benchmark protocol (jobs/evaluate.py)
+on the registered stage-2 restorer: full test images of a small suite (configs/eval/quickstart.yaml),
+its table and where the severity curves are; then the version goes through the promotion gates
+(reusing that evaluation) and the pair becomes ``@champion``, and ``perceive-registry list`` is printed.
 Everything it writes stays under ``workdir`` (checkpoints, the MLflow SQLite file unless
 MLFLOW_TRACKING_URI is set); rerunning reuses finished shards and finished runs.
 """
@@ -57,6 +60,10 @@ class PipelineConfig:
     evaluate: bool = True  # score the stage-2 restorer on the evaluation suite after training
     eval_config: str = "configs/eval/quickstart.yaml"
     eval_overrides: list[str] = field(default_factory=list)  # key=value for the evaluation suite
+    register_as: str = "quickstart"  # models <register_as>-perceiver, -medium-tier, -restorer; "": none
+    promote: bool = True  # move @champion to the evaluated restorer when the promotion gates hold
+    promotion_metric: str = "psnr_out"
+    promotion_margin: float = 0.0
 
 
 def run_data_stage(cfg: PipelineConfig) -> str:
@@ -101,6 +108,8 @@ def _stage_overrides(cfg: PipelineConfig, shards: str, stage: str) -> list[str]:
         f"storage.path={workdir / 'ray'}",
         f"tracking.default_db={workdir / 'mlflow.db'}",
     ]
+    if cfg.register_as:
+        overrides.append(f"tracking.register_as={cfg.register_as}")
     return overrides + list(cfg.train_overrides)
 
 
@@ -123,26 +132,58 @@ def train(cfg: PipelineConfig, shards: str) -> None:
     print(f"[5/5] stage 2: {stage2_cfg.loop.max_steps} steps in {time.perf_counter() - start:.0f} s; "
           f"MLflow run {stage2.run_id}")
     print_validation_table(stage2.tracking_uri, stage2.run_id, stage2_cfg.data.validation.types)
-    if cfg.evaluate:
-        evaluate(cfg, stage2.tracking_uri, stage2.run_id)
+    if not cfg.evaluate:
+        return
+    from perceive_ir.tracking.model_registry import registered_from_run
+
+    version = registered_from_run(stage2.tracking_uri, stage2.run_id, "restorer") if cfg.register_as else None
+    model = f"models:/{version.name}/{version.version}" if version else f"runs:/{stage2.run_id}/restorer"
+    overrides = evaluate(cfg, stage2.tracking_uri, model)
+    if version is not None and cfg.promote:
+        promote_and_list(cfg, stage2.tracking_uri, version.name, str(version.version), overrides)
 
 
-def evaluate(cfg: PipelineConfig, tracking_uri: str, run_id: str) -> None:
-    """The stage-2 restorer on the quickstart suite, as jobs/evaluate.py would score it."""
+def _eval_overrides(cfg: PipelineConfig) -> list[str]:
+    from perceive_ir.eval.protocol import EvalConfig
+
+    data_root = load_config(EvalConfig, REPO / cfg.eval_config, cfg.eval_overrides).data_root
+    if "://" not in data_root and not Path(data_root).is_absolute():
+        data_root = str(REPO / data_root)  # the suite's datasets sit beside the repository
+    return [f"output={Path(cfg.workdir).resolve() / 'eval'}", *cfg.eval_overrides, f"data_root={data_root}"]
+
+
+def evaluate(cfg: PipelineConfig, tracking_uri: str, model: str) -> list[str]:
+    """The stage-2 restorer on the quickstart suite, as jobs/evaluate.py would score it; returns the
+    suite overrides used (a promotion on the same suite reuses this evaluation)."""
     from perceive_ir.eval.protocol import EvalConfig, run_evaluation
 
     from evaluate import print_result
 
-    eval_cfg = load_config(EvalConfig, REPO / cfg.eval_config, [
-        f"model=runs:/{run_id}/restorer", f"tracking.uri={tracking_uri}",
-        f"output={Path(cfg.workdir).resolve() / 'eval'}", *cfg.eval_overrides])
-    if "://" not in eval_cfg.data_root and not Path(eval_cfg.data_root).is_absolute():
-        eval_cfg.data_root = str(REPO / eval_cfg.data_root)  # the suite's datasets sit beside the repository
+    overrides = _eval_overrides(cfg)
+    eval_cfg = load_config(EvalConfig, REPO / cfg.eval_config,
+                           [f"model={model}", f"tracking.uri={tracking_uri}", *overrides])
     start = time.perf_counter()
     result = run_evaluation(eval_cfg, working_dir=REPO)
     print(f"\nEvaluation of the stage-2 restorer on suite '{eval_cfg.name}' (full images, fp32, "
           f"{len(result.records)} images in {time.perf_counter() - start:.0f} s):")
     print_result(result)
+    return overrides
+
+
+def promote_and_list(cfg: PipelineConfig, tracking_uri: str, name: str, version: str, overrides: list[str]) -> None:
+    """The restorer version through the promotion gates, then the registry as ``perceive-registry list`` shows it."""
+    from perceive_ir.tracking import registry_cli
+    from perceive_ir.tracking.promotion import Gates, PromotionRefused, promote
+
+    gates = Gates(cfg.promotion_metric, cfg.promotion_margin)
+    try:
+        done = promote(name, version, REPO / cfg.eval_config, tracking_uri, gates, overrides, working_dir=REPO)
+        print(f"\nPromoted {name} v{version} to @champion ({done.suite}/{gates.metric} {done.candidate_score:.4f}; "
+              f"@champion now: {', '.join(f'{n} v{v}' for n, v in done.moved.items())})")
+    except PromotionRefused as err:
+        print(f"\nPromotion refused: {err}")
+    print(f"\n$ perceive-registry --tracking-uri {tracking_uri} list")
+    registry_cli.main(["--tracking-uri", tracking_uri, "list"])
 
 
 def print_validation_table(tracking_uri: str, run_id: str, types: list[str]) -> None:
