@@ -133,3 +133,33 @@ def test_clip_quality_loss_trains_the_image_not_the_perceiver(perceiver):
     loss.backward()
     assert restored.grad.abs().sum() > 0
     assert all(p.grad is None for p in perceiver.parameters())
+
+
+def test_identity_term_scores_the_restorer_on_clean_inputs_only_when_weighted():
+    from perceive_ir.config import ConfigError
+    from perceive_ir.losses import LossConfig
+    from perceive_ir.train.steps import Stage2Model
+
+    class Shift(torch.nn.Module):  # R(x) = x + 0.1, whatever the input
+        def __init__(self) -> None:
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.tensor(0.1))
+
+        def forward(self, x, prior=None):
+            return x + self.bias
+
+    clean = torch.rand(4, 3, 8, 8) * 0.5
+    degraded = clean + 0.3
+    ids, types = ["a", "b", "c", "d"], torch.zeros(4, dtype=torch.int64)
+    plain = from_dict(LossConfig, {"l1": 0.0, "l2": 0.0, "l3": 0.0}).build()
+    terms, _ = Stage2Model(Shift(), plain)(degraded, clean, ids, types)
+    assert "id" not in terms and terms["total"].item() == pytest.approx(0.4)
+    weighted = from_dict(LossConfig, {"l1": 0.0, "l2": 0.0, "l3": 0.0, "identity": 0.5, "identity_share": 0.5}).build()
+    model = Stage2Model(Shift(), weighted)
+    terms, _ = model(degraded, clean, ids, types)
+    assert terms["id"].item() == pytest.approx(0.1)  # R(clean) - clean, not R(degraded) - clean
+    assert terms["total"].item() == pytest.approx(0.4 + 0.5 * 0.1)
+    terms["total"].backward()
+    assert model.restorer.bias.grad.item() == pytest.approx(1.0 + 0.5)  # both terms reach the restorer
+    with pytest.raises((ConfigError, ValueError), match="identity_share"):
+        from_dict(LossConfig, {"identity_share": 0.0})

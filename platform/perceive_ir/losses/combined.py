@@ -1,4 +1,5 @@
-"""The stage-2 objective L = L_rec + l1 * L_cl + l2 * L_clip + l3 * L_dpl, each term chosen by name."""
+"""The stage-2 objective L = L_rec + l1 * L_cl + l2 * L_clip + l3 * L_dpl, each term chosen by name
+(+ ``identity`` * L_id, an optional term outside the paper, computed by the stage-2 model)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,11 @@ class LossConfig:
     l1: float = 0.1  # degradation contrast
     l2: float = 0.05  # CLIP quality
     l3: float = 0.1  # difficulty-adaptive perceptual
+    # Not in the paper: L_id = |R(clean) - clean| on a share of the batch's clean images, weighted by
+    # ``identity``. It teaches a small restorer to leave an image that needs no restoration alone
+    # (see the README's evaluation section); 0 leaves the objective as published.
+    identity: float = 0.0
+    identity_share: float = 0.25
     reconstruction: ComponentSpec = dataclasses.field(default_factory=lambda: ComponentSpec("l1"))
     contrast: ComponentSpec = dataclasses.field(default_factory=lambda: ComponentSpec("infonce"))
     quality: ComponentSpec = dataclasses.field(default_factory=lambda: ComponentSpec("clip_quality"))
@@ -60,6 +66,10 @@ class LossConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.identity < 0:
+            raise ValueError(f"loss.identity must be >= 0, got {self.identity}")
+        if not 0 < self.identity_share <= 1:
+            raise ValueError(f"loss.identity_share must be in (0, 1], got {self.identity_share}")
         for name in ("reconstruction", "contrast", "quality", "perceptual"):
             spec = _spec(getattr(self, name))
             setattr(self, name, spec)
