@@ -103,7 +103,7 @@ def killed_and_relaunched(package_photos, perceiver, s3_module_bucket, tmp_path_
     ended_at_kill: dict[str, str] = {}
     validated_at_kill: set[str] = set()
     try:
-        deadline = time.time() + 420
+        deadline = time.time() + 600  # give up (and fail) if no trial has ended by then
         while time.time() < deadline and first.poll() is None:
             parent = parent_run(client)
             runs = nested_runs(client, parent.info.run_id) if parent else []
