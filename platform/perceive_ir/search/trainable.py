@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,6 +28,7 @@ __all__ = ["ValidationReportCallback", "run_trial", "objective_of", "trial_run_n
 SEARCH_TAGS = {"parent": "mlflow.parentRunId", "name": "search.name", "trial": "search.trial_id",
                "early_stopped": "search.early_stopped"}
 OBJECTIVE = "objective"
+VALIDATION_WAIT_S = 30.0
 
 
 def objective_of(metrics: dict[str, float], metric: MetricConfig) -> Optional[float]:
@@ -53,6 +55,19 @@ class ValidationReportCallback(TuneReportCallback):
         self.tracking_uri, self.run_name, self.experiment, self.metric = tracking_uri, run_name, experiment, metric
         self._run_id: Optional[str] = None
 
+    def _wait_for_validation(self, client, step: int) -> bool:
+        """Rank 0 logs through a background buffer: its validation of ``step`` may reach the store a
+        moment after the checkpoint's report."""
+        deadline = time.monotonic() + VALIDATION_WAIT_S
+        while True:
+            if any(m.step == step for m in client.get_metric_history(self._run_id, self.metric.name)):
+                return True
+            if time.monotonic() > deadline:
+                log.warning("%s: no '%s' at step %d in MLflow after %.0f s; not reported to Tune", self.run_name,
+                            self.metric.name, step, VALIDATION_WAIT_S)
+                return False
+            time.sleep(0.2)
+
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         import ray
         from mlflow.tracking import MlflowClient
@@ -72,8 +87,9 @@ class ValidationReportCallback(TuneReportCallback):
             ray.get_runtime_context().current_actor.abort.remote()
             return
         step = int(metrics[0]["step"])
-        if not any(m.step == step for m in client.get_metric_history(self._run_id, self.metric.name)):
+        if not self._wait_for_validation(client, step):
             return  # a checkpoint without a validation (a relaunch at the end)
+        run = client.get_run(self._run_id)
         validation = {k: v for k, v in run.data.metrics.items() if k.startswith("val/")}
         objective = objective_of(validation, self.metric)
         if objective is not None:
