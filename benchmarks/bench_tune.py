@@ -1,0 +1,115 @@
+"""Ray Tune search overhead and ASHA's savings, on the tiny stage 2 (1 CPU worker per trial):
+
+1. one trial inside Tune against the same stage-2 run launched alone (same steps, same Ray), wall time;
+2. the trial-steps a 4-trial search trains under ASHA against FIFO (learning rates 3e-3 .. 1.0).
+
+    python benchmarks/bench_tune.py [--steps 30] [--val-every 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "platform"), str(REPO), str(REPO / "tests")]
+
+from perceive_ir.config import from_dict  # noqa: E402
+from perceive_ir.search.config import plan_search  # noqa: E402
+
+
+def products(root: Path) -> tuple[str, Path]:
+    from _train_fixtures import build_tiny_shards
+    from perceive_ir.data.package_photos import copy_photos
+    from perceive_ir.models import PerceiverConfig
+    from perceive_ir.train.products import ensure_clip_weights, save_perceiver
+
+    photos = root / "photos"
+    photos.mkdir()
+    copy_photos(photos)
+    shards = build_tiny_shards(photos, str(root / "shards"))
+    raw = yaml.safe_load((REPO / "configs/models/perceiver_tiny.yaml").read_text())
+    raw["arch_config"] = str(REPO / raw["arch_config"])
+    cfg = ensure_clip_weights(from_dict(PerceiverConfig, raw), seed=0, cache=root / "clip")
+    return shards, save_perceiver(cfg.build(), cfg, root / "perceiver")
+
+
+def search_file(root: Path, name: str, stage2: dict, space: dict, scheduler: str, val_every: int) -> Path:
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": name, "base": "configs/stage2_tiny.yaml", "stage2": stage2, "space": space, "num_trials": 1,
+        "concurrency": 2, "scheduler": {"name": scheduler, "grace_period": val_every, "reduction_factor": 2},
+        "state_save_period_s": 5}))
+    return path
+
+
+def trained_steps(result) -> int:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    experiment = client.get_run(result.parent_run_id).info.experiment_id
+    runs = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    return sum(max((m.step for m in client.get_metric_history(r.info.run_id, "train/total")), default=0)
+               for r in runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--val-every", type=int, default=10)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    import os
+
+    os.chdir(REPO)
+    from perceive_ir.orchestration.trainer import connect, launch
+    from perceive_ir.search.runner import run_search
+
+    root = Path(tempfile.mkdtemp(prefix="bench_tune-"))
+    shards, perceiver = products(root)
+    stage2 = {
+        "perceiver": str(perceiver),
+        "data": {"train": {"sources": [{"location": shards}], "patch_size": 32},
+                 "validation": {"images": 2, "patch_size": 32, "types": ["gaussian_noise", "haze"]}},
+        "loop": {"max_steps": args.steps, "val_every": args.val_every, "log_every": args.val_every},
+        "optimizer": {"warmup_steps": 0}, "ray": {"num_workers": 1, "health_check_interval_s": 0.1},
+        "storage": {"path": str(root / "ray")},
+        "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "bench-tune"},
+    }
+    one = plan_search(search_file(root, "one-trial", stage2, {"loss.l1": {"choice": [0.1]}}, "fifo", args.val_every))
+    alone_cfg = one.trial_config({"loss.l1": 0.1}, "alone", str(root / "ray"))  # the trial's very config
+    warmup = one.trial_config({"loss.l1": 0.1}, "warmup", str(root / "ray"))  # caches and compiled ops
+    warmup.loop.max_steps = warmup.loop.val_every = warmup.loop.checkpoint_every = 2
+    connect(alone_cfg.ray, REPO)
+    launch("stage2", warmup, REPO)
+    start = time.perf_counter()
+    launch("stage2", alone_cfg, REPO)
+    alone = time.perf_counter() - start
+    start = time.perf_counter()
+    run_search(one, REPO)
+    in_tune = time.perf_counter() - start
+    print(f"stage-2 run of {args.steps} steps alone: {alone:.1f} s; as one Tune trial: {in_tune:.1f} s "
+          f"(ratio {in_tune / alone:.2f}x, target <= 1.15x)")
+
+    space = {"optimizer.lr": {"grid": [3.0e-3, 1.0e-3, 1.0, 0.5]}}
+    figures = {}
+    for scheduler in ("fifo", "asha"):
+        plan = plan_search(search_file(root, f"four-{scheduler}", stage2, space, scheduler, args.val_every))
+        start = time.perf_counter()
+        result = run_search(plan, REPO)
+        figures[scheduler] = (trained_steps(result), time.perf_counter() - start,
+                              sum(r.status == "early-stopped" for r in result.records))
+    (fifo_steps, fifo_s, _), (asha_steps, asha_s, stopped) = figures["fifo"], figures["asha"]
+    print(f"4 trials x {args.steps} steps, 2 at a time: FIFO trained {fifo_steps} trial-steps in {fifo_s:.1f} s; "
+          f"ASHA {asha_steps} in {asha_s:.1f} s ({stopped} stopped early; {fifo_steps - asha_steps} trial-steps "
+          f"saved, {1 - asha_steps / fifo_steps:.0%})")
+
+
+if __name__ == "__main__":
+    main()
