@@ -45,7 +45,7 @@ class FailureInjectionConfig:
     """Kill one worker once, to exercise recovery (tests and drills); off by default."""
 
     at_step: Optional[int] = None
-    at_steps: list[int] = field(default_factory=list)  # more deaths, once each (markers '<marker>.step<n>')
+    at_steps: list[int] = field(default_factory=list)  # deaths at these steps too, once each ('<marker>.step<n>')
     rank: int = 1
     marker: Optional[str] = None  # a file created before dying: its presence means "already failed once"
 

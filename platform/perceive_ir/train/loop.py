@@ -273,11 +273,13 @@ def _maybe_fail(cfg: LoopConfig, step: int, rank: int, tracker: Tracker | None =
     """Die once at each configured step, on the configured rank (recovery drills). What the rank
     logged is written first, so a drill loses no metric point."""
     injection = cfg.failure_injection
-    steps = ([injection.at_step] if injection.at_step is not None else []) + list(injection.at_steps)
-    if step not in steps or injection.rank != rank or not injection.marker:
+    if injection.rank != rank or not injection.marker:
         return
-    marker = Path(injection.marker if step == steps[0] else f"{injection.marker}.step{step}")
-    if marker.exists():
+    markers = {n: Path(f"{injection.marker}.step{n}") for n in injection.at_steps}
+    if injection.at_step is not None:
+        markers[injection.at_step] = Path(injection.marker)
+    marker = markers.get(step)
+    if marker is None or marker.exists():
         return
     close = getattr(tracker, "close", None)
     if close is not None:
