@@ -145,6 +145,7 @@ def train_worker(payload: dict[str, Any]) -> None:
     tracker = RunTracker(payload["tracking_uri"], payload["run_id"], cfg.tracking, background=True) if rank == 0 else None
     cache = Path(tempfile.gettempdir()) / "perceive_ir_cache" / f"{os.getuid()}"
     try:
+        torch.manual_seed(cfg.loop.seed)  # the models' initial weights: the same in every launch
         task = build_task(stage, cfg, payload["tracking_uri"], cache)
         state = run_training(task, training_settings(cfg), RayReporter(), tracker, rank, world_size, device)
     except BaseException:
