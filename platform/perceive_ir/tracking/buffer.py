@@ -44,7 +44,7 @@ class BufferSettings:
     max_metric_points: int = 100_000  # pending metric points kept while the store is away
     drain_timeout_s: float = 600.0  # how long the end of a job waits for the store
     retry_max_interval_s: float = 10.0  # the pause between tries grows to this
-    spool_dir: Optional[str] = None  # None: <temporary folder>/perceive_ir_spool
+    spool_dir: Optional[str] = None  # None: see default_spool_root()
 
 
 @dataclass
@@ -90,7 +90,7 @@ class TrackingBuffer:
         self._closed = False
         self._stats = _Stats()
         self._lock = threading.Condition()
-        self._spool_root = Path(settings.spool_dir or Path(tempfile.gettempdir()) / "perceive_ir_spool")
+        self._spool_root = Path(settings.spool_dir) if settings.spool_dir else default_spool_root()
         self._spool: Optional[Path] = None
         self.last_error: Optional[str] = None
         self._thread = threading.Thread(target=self._run, name=f"tracking-flusher-{run_id[:8]}", daemon=True)
@@ -289,6 +289,13 @@ class TrackingBuffer:
                     record["spooled"] = str(entry.spooled)
                 out.write(json.dumps(record) + "\n")
         return [e.describe() for e in entries]
+
+
+def default_spool_root() -> Path:
+    """The user's cache folder, not the temporary one: a job's temporary folder (and a local Ray
+    worker's) goes with the job, and what the store did not take must outlive it."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "perceive_ir" / "spool"
 
 
 def limit_client_retries(http_max_retries: int, http_timeout_s: int) -> None:

@@ -38,7 +38,7 @@ class TrackingConfig:
     buffer_max_metric_points: int = 100_000  # beyond it, the oldest pending points are dropped and counted
     drain_timeout_s: float = 600.0  # the end of a job waits this long for the store to take the buffer
     retry_max_interval_s: float = 10.0  # longest pause between tries while the store is away
-    spool_dir: Optional[str] = None  # artifacts waiting for the store; None: <temporary folder>/perceive_ir_spool
+    spool_dir: Optional[str] = None  # artifacts waiting for the store; None: <user cache>/perceive_ir/spool
     http_max_retries: int = 1  # MLflow's own HTTP retries per try (its default, 7, blocks for minutes)
     http_timeout_s: int = 15  # MLflow's HTTP timeout per request (its default: 120 s)
 
