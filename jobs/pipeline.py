@@ -1,7 +1,7 @@
 """The quickstart pipeline on the local default: shards from real photos, verified, streamed,
 then stage 1 and stage 2 trained on a local Ray with 2 CPU workers.
 
-    python jobs/pipeline.py [--config configs/pipeline_local.yaml] [key=value ...]
+    python jobs/pipeline.py [--config configs/pipeline_local.yaml] [--endpoint-url URL] [key=value ...]
 
 It copies the photos that ship inside scikit-image, scikit-learn and matplotlib into the
 work folder, builds tiled WebDataset shards from them, verifies the shards against their
@@ -37,7 +37,7 @@ from dataset_tools.verify import verify  # noqa: E402
 from perceive_ir.config import ConfigError, load_config  # noqa: E402
 from perceive_ir.data.package_photos import copy_photos  # noqa: E402
 from perceive_ir.data.pipeline import LoaderConfig, ShardSourceConfig, build_loader  # noqa: E402
-from perceive_ir.data.storage import join  # noqa: E402
+from perceive_ir.data.storage import add_endpoint_argument, join, set_default_endpoint  # noqa: E402
 
 
 @dataclass
@@ -113,22 +113,35 @@ def _stage_overrides(cfg: PipelineConfig, shards: str, stage: str) -> list[str]:
     return overrides + list(cfg.train_overrides)
 
 
-def train(cfg: PipelineConfig, shards: str) -> None:
-    """Stage 1 then stage 2 through the same launcher as jobs/stage1.py and jobs/stage2.py."""
-    from perceive_ir.orchestration.config import Stage1Config, Stage2Config
+def checked_launch(stage: str, stage_cfg):
+    """The stage's pre-flight, then its launch; the configs' relative paths are the repository's.
+    A failed pre-flight ends the pipeline as jobs/stage1.py and jobs/stage2.py end: one line, exit 1 or 2."""
+    from perceive_ir.orchestration.preflight import PreflightError, preflight
     from perceive_ir.orchestration.trainer import launch
+
+    try:
+        preflight(stage, stage_cfg, working_dir=REPO, launch_dir=REPO)
+    except PreflightError as err:
+        print(f"pipeline: {stage} pre-flight: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
+    return launch(stage, stage_cfg, working_dir=REPO)
+
+
+def train(cfg: PipelineConfig, shards: str) -> None:
+    """Stage 1 then stage 2 through the same pre-flight and launcher as jobs/stage1.py and jobs/stage2.py."""
+    from perceive_ir.orchestration.config import Stage1Config, Stage2Config
 
     shards = str(Path(shards).resolve()) if "://" not in shards else shards
     start = time.perf_counter()
     stage1_cfg = load_config(Stage1Config, REPO / cfg.stage1_config, _stage_overrides(cfg, shards, "stage1"))
-    stage1 = launch("stage1", stage1_cfg, working_dir=REPO)
+    stage1 = checked_launch("stage1", stage1_cfg)
     print(f"[4/5] stage 1: {stage1_cfg.loop.max_steps} steps on {stage1_cfg.ray.num_workers} Ray workers in "
           f"{time.perf_counter() - start:.0f} s; MLflow run {stage1.run_id} ({stage1.tracking_uri})")
     start = time.perf_counter()
     stage2_cfg = load_config(Stage2Config, REPO / cfg.stage2_config, _stage_overrides(cfg, shards, "stage2") + [
         f"perceiver=runs:/{stage1.run_id}/perceiver", f"medium_tier=runs:/{stage1.run_id}/medium_tier",
         *cfg.stage2_overrides])
-    stage2 = launch("stage2", stage2_cfg, working_dir=REPO)
+    stage2 = checked_launch("stage2", stage2_cfg)
     print(f"[5/5] stage 2: {stage2_cfg.loop.max_steps} steps in {time.perf_counter() - start:.0f} s; "
           f"MLflow run {stage2.run_id}")
     print_validation_table(stage2.tracking_uri, stage2.run_id, stage2_cfg.data.validation.types)
@@ -203,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file (default: built-in local profile)")
     parser.add_argument("overrides", nargs="*", help="key=value settings")
+    add_endpoint_argument(parser)
     args = parser.parse_args(argv)
+    set_default_endpoint(args.endpoint_url)
     try:
         cfg = load_config(PipelineConfig, args.config, args.overrides)
     except ConfigError as err:
