@@ -9,10 +9,11 @@ search's MLflow run; the best trial's restorer is registered when ``register_as`
 """
 
 import argparse
+import copy
 import logging
 import sys
 
-from _common import REPO  # noqa: F401 - puts platform/ on the path
+from _common import REPO  # puts platform/ on the path
 
 from perceive_ir.config import ConfigError  # noqa: E402
 from perceive_ir.search import plan_search  # noqa: E402
@@ -29,6 +30,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tune: configuration error: {err}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from perceive_ir.orchestration.preflight import PreflightError, preflight
+
+    try:
+        # On a copy: each trial rebuilds its config from the YAML files, inside the repository.
+        preflight("stage2", copy.deepcopy(plan.base), working_dir=REPO, launch_dir=REPO)
+    except PreflightError as err:
+        print(f"tune: pre-flight of the base stage-2 config: {err}", file=sys.stderr)
+        return err.exit_code
     from perceive_ir.search.runner import run_search
 
     result = run_search(plan, REPO)

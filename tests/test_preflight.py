@@ -130,3 +130,30 @@ def test_a_job_that_fails_pre_flight_creates_no_ray_session(launch_dir):
     assert f"'perceiver': folder '{launch_dir / 'stage1/missing'}' does not exist" in proc.stderr
     assert list(ray_tmp.iterdir()) == []  # Ray writes its session folder there first thing
     ray_tmp.rmdir()
+
+
+def test_the_pipeline_and_a_search_run_the_pre_flight_before_ray_starts(launch_dir, capsys):
+    """The pipeline checks each stage before launching it; a search checks its base stage-2 config."""
+    import ray
+    import yaml
+
+    import pipeline
+    import tune
+
+    shards = f"data.train.sources=[{{location: {launch_dir / 'runs/quickstart/shards'}}}]"
+    cfg = stage2(launch_dir, shards, f"perceiver={launch_dir / 'stage1/missing'}")
+    with pytest.raises(SystemExit) as stopped:
+        pipeline.checked_launch("stage2", cfg)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("pipeline: stage2 pre-flight: 'perceiver': folder")
+    search = launch_dir / "search.yaml"
+    search.write_text(yaml.safe_dump({
+        "name": "preflight", "base": str(REPO / "configs/stage2_tiny.yaml"), "space": {"loss.l1": {"grid": [0.1]}},
+        "stage2": {"perceiver": str(launch_dir / "stage1/missing"), "storage": {"path": str(launch_dir / "ray")},
+                   "data": {"train": {"sources": [{"location": str(launch_dir / "runs/quickstart/shards")}]}},
+                   "tracking": {"uri": f"sqlite:///{launch_dir / 'mlflow.db'}"}}}))
+    assert tune.main(["--config", str(search)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"tune: pre-flight of the base stage-2 config: 'perceiver': folder "
+                       f"'{launch_dir / 'stage1/missing'}' does not exist"), err
+    assert not ray.is_initialized()
