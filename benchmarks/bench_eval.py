@@ -8,7 +8,8 @@ Compares, on the same restorer in the same process:
   add numpy Gaussian noise on the 0-255 scale, 8-bit round, restore a 1-image batch, then
   scikit-image's PSNR and SSIM on the CPU;
 - scorer: this platform's worker path (:class:`perceive_ir.eval.scoring.Scorer`): images of one size
-  batched, seeded degradation and metrics in torch on the device, reflect padding to the multiple;
+  batched, seeded degradation on the device, reflect padding to the multiple, PSNR in torch and SSIM
+  by scikit-image on the CPU (in torch on an accelerator), for the input as well as the output;
 - protocol: the same through Ray (``ray.num_workers`` actors, chunks, progress), actor start-up
   included, Ray start-up not.
 
@@ -127,7 +128,7 @@ def main() -> int:
     print(f"{'path':<44} {'images/s':>9} {'speed-up':>9}")
     base = n / best["peers"]
     for name, label in (("peers", "peers' loop (one image, skimage metrics)"),
-                        ("scorer", "scorer (batched, torch metrics)"),
+                        ("scorer", "scorer (batched, input + output metrics)"),
                         ("protocol", "protocol on Ray (1 actor, start-up incl.)")):
         rate = n / best[name]
         print(f"{label:<44} {rate:>9.2f} {rate / base:>8.2f}x")

@@ -49,14 +49,17 @@ def _assert_matches_scikit_image(pairs: list[tuple[np.ndarray, np.ndarray]]) -> 
         expected_psnr = peak_signal_noise_ratio(ref, out, data_range=1)
         expected_ssim = structural_similarity(ref, out, data_range=1, channel_axis=2)
         assert abs(psnr(x, y).item() - expected_psnr) < 1e-3
-        assert abs(ssim(x, y).item() - expected_ssim) < 1e-4
         y_out, y_ref = (rgb_to_y(t)[0, 0].double().numpy() for t in (x, y))
         assert abs(psnr(x, y, y_channel=True).item() - peak_signal_noise_ratio(y_ref, y_out, data_range=1)) < 1e-3
-        assert abs(ssim(x, y, y_channel=True).item() - structural_similarity(y_ref, y_out, data_range=1)) < 1e-4
+        for backend in ("torch", "auto"):  # the accelerators' code, and scikit-image itself on the CPU
+            assert abs(ssim(x, y, backend=backend).item() - expected_ssim) < 1e-4
+            expected_y = structural_similarity(y_ref, y_out, data_range=1)
+            assert abs(ssim(x, y, y_channel=True, backend=backend).item() - expected_y) < 1e-4
     same = [p for p in pairs if p[0].shape == pairs[0][0].shape]
     batch = [torch.from_numpy(np.stack(a)).permute(0, 3, 1, 2).float() for a in zip(*same)]
-    singles = torch.cat([ssim(o[None], r[None]) for o, r in zip(*batch)])
-    torch.testing.assert_close(ssim(*batch), singles)  # a batch scores each image on its own
+    for backend in ("torch", "auto"):  # a batch scores each image on its own
+        singles = torch.cat([ssim(o[None], r[None], backend=backend) for o, r in zip(*batch)])
+        torch.testing.assert_close(ssim(*batch, backend=backend), singles)
 
 
 def _read(path) -> np.ndarray:
