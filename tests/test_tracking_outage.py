@@ -25,7 +25,7 @@ from perceive_ir.tracking.buffer import DROPPED_METRIC, TrackingNotDrained
 pytestmark = pytest.mark.slow
 
 OUTAGE_S = 20  # MLflow's own client would retry for about 4 minutes (7 tries, doubling pauses)
-STEPS = 24
+STEPS = 80  # long enough that the outage falls inside training on a quiet machine too
 
 
 class MlflowServer:
@@ -52,7 +52,7 @@ class MlflowServer:
                     if answer.status == 200:
                         return
             except OSError:
-                time.sleep(0.5)
+                time.sleep(0.2)
         raise AssertionError("mlflow server did not become healthy")
 
     def stop(self) -> None:
@@ -87,7 +87,7 @@ def test_training_runs_through_an_outage_and_every_point_reaches_the_store(serve
         "name=outage", f"data.train.sources=[{{location: {shards}}}]", f"tracking.uri={server.uri}",
         "tracking.experiment=outage", "tracking.retry_max_interval_s=2", f"storage.path={storage}",
         "storage.keep_last=100", f"restorer_steps={STEPS // 2}", f"prompt_steps={STEPS // 2}",
-        "loop.log_every=1", "loop.checkpoint_every=2", f"loop.val_every={STEPS}", "ray.num_workers=1",
+        "loop.log_every=1", "loop.checkpoint_every=4", f"loop.val_every={STEPS}", "ray.num_workers=1",
         "ray.health_check_interval_s=0.1", "data.train.patch_size=32", "data.train.samples_per_epoch=16",
         "data.validation.images=2", "data.validation.types=[haze]", "data.validation.patch_size=32",
     ])
@@ -103,9 +103,9 @@ def test_training_runs_through_an_outage_and_every_point_reaches_the_store(serve
                     if client.get_experiment_by_name("outage") else []
                 if runs:
                     seen["run_id"] = runs[0].info.run_id
-                time.sleep(0.5)
+                time.sleep(0.2)
             while len(client.get_metric_history(seen["run_id"], "train/total")) < 2:
-                time.sleep(0.5)
+                time.sleep(0.2)
             _, side_run, _ = find_or_create_run(TrackingConfig(uri=server.uri, experiment="outage-side"), "side",
                                                 {}, {}, "test")
             server.stop()
