@@ -365,3 +365,27 @@ def test_the_champion_pair_loads_in_a_fresh_process_through_an_mlflow_server(mlf
         probs, score = perceiver.tier_probs(x), perceiver.quality_score(x)
     assert list(out["columns"]) == ["p_low", "p_medium", "p_high", "quality"]
     np.testing.assert_allclose(out["quality"], torch.cat([probs, score[:, None]], 1).double().numpy(), atol=1e-5)
+
+
+def test_downloads_of_products_and_models_leave_no_temporary_folders(tmp_path, monkeypatch):
+    """A product downloaded for registration lands in the product cache, once; a model loaded from a URI
+    is downloaded to a temporary folder that is gone once it is loaded, and the model still predicts."""
+    import tempfile
+
+    from perceive_ir.tracking.model_registry import download_run_product, log_product_model
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setenv("PERCEIVE_IR_CACHE", str(tmp_path / "cache"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    folder = products.save_restorer(identity_restorer(), RESTORER_CFG, tmp_path / "restorer")
+    run = log_stage(uri, "downloads", {"restorer": folder})
+    first = download_run_product(uri, run.run_id, "restorer")
+    assert download_run_product(uri, run.run_id, "restorer") == first
+    assert sha256(first / "model.safetensors") == sha256(folder / "model.safetensors")
+    assert (tmp_path / "cache" / "products") in first.parents
+    model_id = log_product_model(uri, run.run_id, "restorer-model", first)
+    model = load_model(Path(run.client.get_logged_model(model_id).artifact_location).as_uri(), uri)
+    assert model.predict(np.zeros((1, 9, 11, 3), np.uint8)).shape == (1, 9, 11, 3)
+    assert list(scratch.iterdir()) == []

@@ -262,20 +262,26 @@ def product_lineage(product: str, folder: Path, run_tags: Mapping[str, str], run
 
 
 def download_run_product(tracking_uri: str, run_id: str, product: str) -> Path:
-    import mlflow
+    """The run's product folder, in the node's product cache (it stays there for later readers)."""
+    from perceive_ir.train.products import _download
 
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/{product}", tracking_uri=tracking_uri,
-                                                    dst_path=tempfile.mkdtemp(prefix=f"{product}-")))
+    return _download(f"runs:/{run_id}/{product}", tracking_uri)
 
 
 def load_model(location: str, tracking_uri: Optional[str] = None):
-    """``mlflow.pyfunc.load_model`` of a model URI or folder, after refusing pickled content."""
+    """``mlflow.pyfunc.load_model`` of a model URI or folder, after refusing pickled content. A URI is
+    downloaded to a temporary folder, removed once loaded: the model holds its networks in memory."""
     import mlflow
 
     if Path(location).expanduser().is_dir():
-        local = Path(location).expanduser()
-    else:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=tracking_uri,
-                                                         dst_path=tempfile.mkdtemp(prefix="model-")))
+        return _load_checked(Path(location).expanduser())
+    with tempfile.TemporaryDirectory(prefix="model-") as folder:
+        return _load_checked(Path(mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=tracking_uri,
+                                                                       dst_path=folder)))
+
+
+def _load_checked(local: Path):
+    import mlflow
+
     refuse_pickled(local)
     return mlflow.pyfunc.load_model(str(local))
