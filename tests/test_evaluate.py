@@ -136,6 +136,27 @@ def test_a_missing_set_fails_before_the_model_is_loaded(photo_sets, tmp_path, ca
         SetConfig("x", clean="c", degradations={"haze": ["sigma25"]})
 
 
+def test_an_unreachable_data_root_is_no_missing_set_and_exits_1(tmp_path, monkeypatch, capsys):
+    """The fallback sets replace sets that are absent, not a store that does not answer."""
+    import evaluate
+    import yaml
+
+    from conftest import _free_port
+
+    url = f"http://127.0.0.1:{_free_port()}"  # a closed port
+    for name, value in {"AWS_ACCESS_KEY_ID": "local-test", "AWS_SECRET_ACCESS_KEY": "local-test",
+                        "AWS_MAX_ATTEMPTS": "1", "AWS_ENDPOINT_URL": url}.items():
+        monkeypatch.setenv(name, value)  # restored after the test (--endpoint-url sets the last one)
+    config = tmp_path / "suite.yaml"
+    config.write_text(yaml.safe_dump({"name": "x", "data_root": "s3://bucket/sets", "sets": [
+        {"name": "gone", "clean": "clean", "degradations": {"haze": ["light"]}, "if_missing": "skip"}],
+        "fallback": [{"name": "photos", "clean": "package:photos", "degradations": {"haze": ["light"]}}]}))
+    assert evaluate.main(["--config", str(config), f"model={tmp_path / 'no-model'}", "--endpoint-url", url]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err[-1].startswith("evaluate: cannot list 's3://bucket/sets/clean'") and url in err[-1], err
+    assert "Traceback" not in "\n".join(err)
+
+
 def test_paired_test_shards_are_scored_whole(photo_sets, tmp_path):
     from dataset_tools.build import BuildConfig, build_shards
     from dataset_tools.sources import SourceSpec

@@ -10,6 +10,7 @@ A set is one of
 
 Relative locations are under ``data_root``. A missing set fails before any model is loaded
 (``if_missing: skip`` skips it instead); ``fallback`` sets replace the suite when every set was skipped.
+A store that does not answer is no missing set: its error is raised.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Literal, Optional
 
 from perceive_ir.config import to_dict
 from perceive_ir.data.images import SHARD_IMAGE_SUFFIXES
-from perceive_ir.data.storage import filesystem, join, unstrip
+from perceive_ir.data.storage import filesystem, is_unreachable, join, storage_error, unstrip
 
 __all__ = ["SetConfig", "SuiteConfig", "Item", "MissingSetError", "resolve_suite", "suite_hash", "PACKAGE_PHOTOS"]
 
@@ -110,7 +111,9 @@ def _images(folder: str) -> dict[str, str]:
     try:
         fs, path = filesystem(folder)
         present = fs.isdir(path)
-    except Exception:  # noqa: BLE001 - an unreachable store is a missing set too; name it
+    except Exception as err:  # noqa: BLE001 - stores raise many kinds
+        if is_unreachable(err):  # a store that does not answer is no missing set: no fallback replaces it
+            raise storage_error(folder, err, "list") from err
         present = False
     if not present:
         raise MissingSetError(folder)
