@@ -157,3 +157,15 @@ def test_the_pipeline_and_a_search_run_the_pre_flight_before_ray_starts(launch_d
     assert err[-1] == (f"tune: pre-flight of the base stage-2 config: 'perceiver': folder "
                        f"'{launch_dir / 'stage1/missing'}' does not exist"), err
     assert not ray.is_initialized()
+
+
+def test_run_storage_takes_the_endpoint_variable_when_the_config_sets_none(monkeypatch):
+    from perceive_ir.orchestration.config import RunStorageConfig
+    from perceive_ir.orchestration.storage import StorageUnreachable, run_storage
+
+    url = _closed_port_url()
+    for name, value in {"AWS_ACCESS_KEY_ID": "local-test", "AWS_SECRET_ACCESS_KEY": "local-test",
+                        "AWS_ENDPOINT_URL": url}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(StorageUnreachable, match=f"endpoint {url} \\(from AWS_ENDPOINT_URL\\)\\) cannot be reached"):
+        run_storage(RunStorageConfig(path="s3://bucket/ray"))
