@@ -150,7 +150,7 @@ def test_search_with_asha_nested_runs_and_the_best_registered(killed_and_relaunc
     assert parent.data.tags["search.best_trial"] == best.data.tags["search.trial_id"]
     (version,) = client.search_model_versions("name = 'tune-test-restorer'")
     assert version.run_id == best.info.run_id
-    assert version.tags["search.parent_run_id"] == parent.info.run_id
+    assert version.tags["search.parent_run_id"] == parent.info.run_id == version.tags["lineage.search_run"]
     assert float(version.tags["search.value.optimizer.lr"]) == float(best.data.params["optimizer.lr"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
     assert {"search/results.csv", "search/results.md", "search/search_plot.png"} <= artifacts
@@ -234,3 +234,30 @@ def test_distributions_parse_and_quantised_bounds_round_to_the_step():
         parse_space({"loss.l2": {"quniform": [0.0, 1.0]}}, "x.yaml")
     with pytest.raises(ConfigError, match="'space' is empty"):
         parse_space({}, "x.yaml")
+
+
+def test_the_best_trial_is_registered_with_the_search_as_its_lineage(tmp_path, perceiver):
+    """Without Ray: a finished trial run holding a restorer, registered as the search's best."""
+    from mlflow.tracking import MlflowClient
+
+    from _model_fixtures import TINY_NAFNET
+    from perceive_ir.models import RestorerConfig
+    from perceive_ir.search.report import TrialRecord
+    from perceive_ir.search.tracking import open_parent_run, register_best
+    from perceive_ir.tracking import RunTracker, TrackingConfig, find_or_create_run, version_tags
+    from perceive_ir.train.products import save_restorer
+
+    config = write_search(tmp_path, str(tmp_path / "shards"), perceiver, {"path": str(tmp_path / "ray")})
+    plan = plan_search(config)
+    uri, parent_id, _ = open_parent_run(plan)
+    cfg = RestorerConfig(backbone={"name": "nafnet", "params": TINY_NAFNET}, conditioning={"name": "none"})
+    restorer = save_restorer(cfg.build(), cfg, tmp_path / "restorer")
+    _, trial_id, _ = find_or_create_run(TrackingConfig(uri=uri, experiment=EXPERIMENT), f"{SEARCH}-t1", {},
+                                        version_tags(), "stage2")
+    RunTracker(uri, trial_id).log_folder(restorer, "restorer")
+    record = TrialRecord("t1", trial_id, "completed", {"optimizer.lr": 1e-3}, curve=[(2, 20.0)])
+    (registered,) = register_best(RunTracker(uri, parent_id), plan, [record]).values()
+    name, number = registered[len("models:/"):].rsplit("/", 1)
+    tags = MlflowClient(tracking_uri=uri).get_model_version(name, number).tags
+    assert tags["lineage.search_run"] == tags["search.parent_run_id"] == parent_id
+    assert tags["lineage.run_id"] == trial_id

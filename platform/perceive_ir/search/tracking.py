@@ -142,7 +142,7 @@ def register_best(tracker: RunTracker, plan: SearchPlan, records: list[TrialReco
         return None  # registered by an earlier launch of this search
     trial_cfg = plan.trial_config(best.values, trial_run_name(plan.cfg.name, best.trial_id), plan.base.storage.path)
     trial_cfg.tracking.register_as = plan.cfg.register_as
-    uris = register_products("stage2", trial_cfg, RunTracker(tracker.uri, best.run_id))
+    uris = register_products("stage2", trial_cfg, RunTracker(tracker.uri, best.run_id), search_run=tracker.run_id)
     client = MlflowClient(tracking_uri=tracker.uri)
     tags = {"search.parent_run_id": tracker.run_id, "search.name": plan.cfg.name, "search.trial_id": best.trial_id,
             "search.objective": f"{best.final:.6g}", "search.metric": plan.cfg.metric.name,
