@@ -7,7 +7,7 @@ import tarfile
 from functools import lru_cache
 
 from perceive_ir.data.manifest import read_manifest, shard_urls
-from perceive_ir.data.storage import StorageError, open_url
+from perceive_ir.data.storage import StorageError, is_unreachable, open_url
 
 __all__ = ["shard_items", "read_member"]
 
@@ -36,7 +36,9 @@ def shard_items(s, location: str) -> list:
 
     try:
         manifest = read_manifest(location)
-    except StorageError:
+    except StorageError as err:
+        if is_unreachable(err):  # a store that does not answer is not a missing set
+            raise
         raise MissingSetError(location) from None
     items = []
     for url in shard_urls(location, manifest):
