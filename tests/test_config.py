@@ -74,6 +74,7 @@ STAGE2_PRODUCTS = ["perceiver=runs:/x/perceiver", "medium_tier=runs:/x/medium_ti
 def _profile_loader(name: str):
     from jobs.pipeline import PipelineConfig
     from perceive_ir.orchestration.config import Stage1Config, Stage2Config
+    from perceive_ir.search.config import SearchConfig
 
     if name.startswith("stage1"):
         return Stage1Config, []
@@ -81,6 +82,8 @@ def _profile_loader(name: str):
         return Stage2Config, STAGE2_PRODUCTS
     if name.startswith("pipeline"):
         return PipelineConfig, []
+    if name.startswith("tune"):
+        return SearchConfig, [f"stage2.{o}" for o in STAGE2_PRODUCTS]
     raise AssertionError(f"configs/{name}: a new profile; add its config class to _profile_loader")
 
 
@@ -88,6 +91,10 @@ def _profile_loader(name: str):
 def test_every_profile_loads(name):
     cls, overrides = _profile_loader(name)
     assert isinstance(load_config(cls, REPO / "configs" / name, overrides), cls)
+    if name.startswith("tune"):  # its base and every value of its search space load as stage-2 configs
+        from perceive_ir.search.config import plan_search
+
+        assert plan_search(REPO / "configs" / name, overrides).distributions
 
 
 def test_five_task_profiles_add_blur_and_low_light_to_the_three_task_ones():
