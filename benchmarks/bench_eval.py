@@ -20,6 +20,7 @@ alike; each figure is the best round. Needs ../shared/datasets/CBSD68.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -121,6 +122,7 @@ def main() -> int:
         for name, turn in (("peers", lambda: peers_loop(model, files)), ("scorer", scorer_turn), ("protocol", protocol)):
             best[name] = min(best[name], turn())
     ray.shutdown()
+    shutil.rmtree(folder, ignore_errors=True)
     n = len(items)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"CBSD68 sigma 25, {n} full images (481x321), model '{args.model}' ({params:.2f} M parameters), "
