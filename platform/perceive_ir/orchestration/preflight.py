@@ -289,6 +289,8 @@ def local_ray_temporary_folder():
     (with a killed driver, or at Ray's shutdown) cannot remove what they left there; the folders
     of drivers no longer alive are removed here, at the next launch. Ray's session folder stays
     where it would have been, and so does the product cache (``PERCEIVE_IR_CACHE``)."""
+    from perceive_ir.train.products import node_cache
+
     root = Path(tempfile.gettempdir()) / "perceive_ir_jobs" / str(os.getuid())
     for stale in root.glob("*"):
         if stale.name.isdigit() and not _alive(int(stale.name)):
@@ -298,7 +300,7 @@ def local_ray_temporary_folder():
     atexit.register(shutil.rmtree, scratch, True)  # registered before ray.init: runs after Ray's shutdown
     os.environ.setdefault("RAY_TMPDIR", tempfile.gettempdir())
     # caches outlive the job: the node's, as a process outside this folder finds it
-    os.environ.setdefault("PERCEIVE_IR_CACHE", str(Path(tempfile.gettempdir()) / "perceive_ir_cache" / str(os.getuid())))
+    os.environ.setdefault("PERCEIVE_IR_CACHE", str(node_cache()))
     previous = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = str(scratch)  # inherited by the processes that ray.init starts
     try:

@@ -74,6 +74,7 @@ def connect(settings: RaySettings, working_dir: Optional[Path]) -> None:
 
         with local_ray_temporary_folder() as scratch:  # what its processes leave goes with this driver
             env["env_vars"]["TMPDIR"] = scratch
+            env["env_vars"]["PERCEIVE_IR_CACHE"] = os.environ["PERCEIVE_IR_CACHE"]  # outlives the scratch
             ray.init(**kwargs)
         return
     ray.init(**kwargs)

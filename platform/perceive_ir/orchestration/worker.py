@@ -143,7 +143,9 @@ def train_worker(payload: dict[str, Any]) -> None:
 
     # Rank 0 logs through a background buffer: training goes on while the store is away.
     tracker = RunTracker(payload["tracking_uri"], payload["run_id"], cfg.tracking, background=True) if rank == 0 else None
-    cache = Path(tempfile.gettempdir()) / "perceive_ir_cache" / f"{os.getuid()}"
+    from perceive_ir.train.products import node_cache
+
+    cache = node_cache()
     try:
         torch.manual_seed(cfg.loop.seed)  # the models' initial weights: the same in every launch
         task = build_task(stage, cfg, payload["tracking_uri"], cache)

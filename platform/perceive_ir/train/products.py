@@ -85,10 +85,14 @@ def _listing(client, run_id: str, path: str) -> list[tuple[str, int]]:
     return sorted(files)
 
 
+def node_cache() -> Path:
+    """The node's cache: ``$PERCEIVE_IR_CACHE``, else one per user in the temporary folder."""
+    return Path(os.environ.get("PERCEIVE_IR_CACHE") or Path(tempfile.gettempdir()) / "perceive_ir_cache" / str(os.getuid()))
+
+
 def product_cache() -> Path:
-    """The node's product cache: ``$PERCEIVE_IR_CACHE/products``, else one per user in the temporary folder."""
-    base = os.environ.get("PERCEIVE_IR_CACHE") or Path(tempfile.gettempdir()) / "perceive_ir_cache" / str(os.getuid())
-    return Path(base) / "products"
+    """Downloaded products, shared by every worker and trial of the node."""
+    return node_cache() / "products"
 
 
 _CACHE_RECORD = ".product.json"
