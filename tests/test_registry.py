@@ -389,3 +389,15 @@ def test_downloads_of_products_and_models_leave_no_temporary_folders(tmp_path, m
     model = load_model(Path(run.client.get_logged_model(model_id).artifact_location).as_uri(), uri)
     assert model.predict(np.zeros((1, 9, 11, 3), np.uint8)).shape == (1, 9, 11, 3)
     assert list(scratch.iterdir()) == []
+
+
+def test_a_run_a_killed_launch_left_without_params_gets_them_at_the_next_launch(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="relaunch")
+    uri, run_id, created = find_or_create_run(cfg, "job", {}, {}, "stage2")  # killed before its params
+    assert created and MlflowClient(uri).get_run(run_id).data.params == {}
+    _, again, created = find_or_create_run(cfg, "job", {"optimizer.lr": 0.5}, {}, "stage2")
+    run = MlflowClient(uri).get_run(run_id)
+    assert again == run_id and not created
+    assert run.data.params == {"optimizer.lr": "0.5"} and run.data.tags["launches"] == "2"

@@ -149,6 +149,8 @@ def find_or_create_run(cfg: TrackingConfig, run_name: str, params: Mapping[str, 
         client.update_run(run_id, status="RUNNING")
         launches = int(runs[0].data.tags.get("launches", "1")) + 1
         client.set_tag(run_id, "launches", str(launches))
+        if params and not runs[0].data.params:  # created by a launch killed before it logged them
+            RunTracker(uri, run_id).log_params(params)
         return uri, run_id, False
     run = client.create_run(experiment, run_name=run_name,
                             tags={RUN_NAME_TAG: run_name, "job": job, "launches": "1", **tags})
