@@ -2,8 +2,9 @@
 a time), MLflow on SQLite, checkpoints on moto's S3 server on loopback.
 
 One search of four trials whose learning rates differ by orders of magnitude (so ASHA has trials to
-stop) is killed (SIGKILL) mid-search and launched again; the relaunch finishes it without training the
-trials that had ended. A bad search space fails before Ray starts.
+stop) is killed (SIGKILL) mid-search, once a trial has ended and the next one runs, and launched
+again; the relaunch finishes it without training the trials that had ended. A bad search space
+fails before Ray starts.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from _train_fixtures import build_tiny_shards
 from conftest import REPO
 from perceive_ir.config import ConfigError
 from perceive_ir.search import plan_search
-from perceive_ir.search.runner import TrialResources, asha_max_t, concurrent_trials
+from perceive_ir.search.runner import LOST_TRIALS_TAG, TrialResources, asha_max_t, concurrent_trials
 from perceive_ir.search.space import parse_space
 
 SEARCH = "tune-test"
@@ -88,9 +89,20 @@ def start_search(config: Path, log: Path) -> subprocess.Popen:
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def quiet_moment(runs, now_ms: int) -> bool:
+    """A trial has ended, its replacement runs next to another trial, and no trial ended in the last
+    10 s: Tune has created the trials it will create for now and stored its state (every second), so a
+    kill here tests recovery, not Tune's own race between writing its trial list and its searcher."""
+    ended = [r.info.end_time for r in runs if r.info.status in ("FINISHED", "KILLED")]
+    running = [r for r in runs if r.info.status == "RUNNING"]
+    return bool(ended) and len(running) == 2 and now_ms - max(ended) > 10_000 \
+        and all(now_ms - r.info.start_time > 2_000 for r in running)
+
+
 @pytest.fixture(scope="module")
 def killed_and_relaunched(package_photos, perceiver, s3_module_bucket, tmp_path_factory):
-    """The search, killed with SIGKILL once a trial has ended (finished or stopped early), then launched again."""
+    """The search, killed with SIGKILL once a trial has ended (finished or stopped early) and the
+    next one runs, then launched again."""
     from mlflow.tracking import MlflowClient
 
     bucket, options = s3_module_bucket
@@ -103,14 +115,13 @@ def killed_and_relaunched(package_photos, perceiver, s3_module_bucket, tmp_path_
     ended_at_kill: dict[str, str] = {}
     validated_at_kill: set[str] = set()
     try:
-        deadline = time.time() + 600  # give up (and fail) if no trial has ended by then
+        deadline = time.time() + 600  # give up (and fail) if no such moment comes by then
         while time.time() < deadline and first.poll() is None:
             parent = parent_run(client)
             runs = nested_runs(client, parent.info.run_id) if parent else []
-            ended = {r.info.run_id: r.info.status for r in runs if r.info.status in ("FINISHED", "KILLED")}
-            if ended:
+            if quiet_moment(runs, int(time.time() * 1000)):
                 os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
-                ended_at_kill = ended
+                ended_at_kill = {r.info.run_id: r.info.status for r in runs if r.info.status in ("FINISHED", "KILLED")}
                 validated_at_kill = {r.info.run_id for r in runs if "val/mean/psnr_out" in r.data.metrics}
                 break
             time.sleep(1)
@@ -130,6 +141,7 @@ def test_search_with_asha_nested_runs_and_the_best_registered(killed_and_relaunc
     client = killed_and_relaunched["client"]
     parent = parent_run(client)
     assert parent.info.status == "FINISHED" and parent.data.tags["launches"] == "2"
+    assert LOST_TRIALS_TAG not in parent.data.tags
     runs = nested_runs(client, parent.info.run_id)
     # one nested run per trial, none started twice as a new run
     assert len(runs) == len(LEARNING_RATES), [(r.data.tags.get("search.trial_id"), r.info.status) for r in runs]
@@ -266,3 +278,29 @@ def test_the_best_trial_is_registered_with_the_search_as_its_lineage(tmp_path, p
     tags = MlflowClient(tracking_uri=uri).get_model_version(name, number).tags
     assert tags["lineage.search_run"] == tags["search.parent_run_id"] == parent_id
     assert tags["lineage.run_id"] == trial_id
+
+
+def test_asha_of_a_relaunched_search_takes_in_the_trials_it_restores():
+    """Tune restores trials but not its scheduler: two ended trials of the first launch must still set the
+    rung's bar for a bad new trial (plain ASHA would let it through, being the first it sees there)."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from perceive_ir.search.runner import RestorableASHA
+
+    def scheduler(cls):
+        return cls(time_attr="step", metric="objective", mode="max", max_t=4, grace_period=2, reduction_factor=4,
+                   stop_last_trials=False)
+
+    ended = [SimpleNamespace(trial_id=f"t{i}", status="TERMINATED", last_result={"step": 6, "objective": value})
+             for i, value in enumerate([13.7, 13.9])]
+    running = SimpleNamespace(trial_id="t2", status="PENDING", last_result={"step": 2, "objective": 13.8})
+    bad = SimpleNamespace(trial_id="t3", status="PENDING", last_result={})
+    actions = {}
+    for cls in (ASHAScheduler, RestorableASHA):
+        asha = scheduler(cls)
+        for trial in [*ended, running, bad]:
+            asha.on_trial_add(None, trial)
+        actions[cls] = asha.on_trial_result(None, bad, {"step": 2, "objective": 4.0})
+    assert actions == {ASHAScheduler: TrialScheduler.CONTINUE, RestorableASHA: TrialScheduler.STOP}

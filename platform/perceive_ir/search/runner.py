@@ -10,13 +10,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler
+
 from perceive_ir.config import ConfigError, to_dict
 from perceive_ir.search.config import SearchPlan
 from perceive_ir.search.space import to_tune_space
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrialResources", "trial_resources", "concurrent_trials", "asha_max_t", "run_search", "SearchResult"]
+__all__ = ["TrialResources", "trial_resources", "concurrent_trials", "asha_max_t", "run_search", "SearchResult",
+           "LOST_TRIALS_TAG", "RestorableASHA"]
+
+LOST_TRIALS_TAG = "search.lost_trials"
 
 
 @dataclass(frozen=True)
@@ -64,16 +70,31 @@ def asha_max_t(max_steps: int, val_every: int, grace_period: int) -> int:
     return last
 
 
+class RestorableASHA(ASHAScheduler):
+    """ASHA that takes in the results of the trials a relaunched search restores. Tune stores no
+    scheduler state: without this the rungs start empty after a relaunch, and the first trials to
+    reach them pass whatever they score."""
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        if not trial.last_result:
+            return  # a new trial
+        if trial.status == Trial.TERMINATED:
+            self.on_trial_complete(tune_controller, trial, trial.last_result)
+        else:  # it resumes: its last validation stands at the rungs it passed
+            self.on_trial_result(tune_controller, trial, trial.last_result)
+
+
 def _scheduler(plan: SearchPlan):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     sched = plan.cfg.scheduler
     if sched.name == "fifo":
         return FIFOScheduler()
     loop = plan.base.loop
-    return ASHAScheduler(time_attr="step", max_t=asha_max_t(loop.max_steps, loop.val_every, sched.grace_period),
-                         grace_period=sched.grace_period, reduction_factor=sched.reduction_factor,
-                         stop_last_trials=False)
+    return RestorableASHA(time_attr="step", max_t=asha_max_t(loop.max_steps, loop.val_every, sched.grace_period),
+                          grace_period=sched.grace_period, reduction_factor=sched.reduction_factor,
+                          stop_last_trials=False)
 
 
 def _search_algorithm(plan: SearchPlan, concurrency: int):
@@ -144,10 +165,16 @@ def run_search(plan: SearchPlan, repo: Path) -> SearchResult:
                                       callbacks=[EarlyStopMarker(tracking_uri, base.tracking.experiment, cfg.name)],
                                       verbose=1))
     try:
-        tuner.fit()
+        ran = len(tuner.fit())
     except Exception:
         tracker.finish("FAILED")
         raise
+    if ran < trials:
+        # Tune uploads its trial list and its searcher's state as separate files: a driver killed
+        # between the two uploads can come back with a searcher ahead of its trials.
+        log.warning("%s: %d of %d planned trials ran; the driver was killed while Tune saved its state, and "
+                    "the trials it had just created were lost", cfg.name, ran, trials)
+        tracker.set_tags({LOST_TRIALS_TAG: str(trials - ran)})
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
