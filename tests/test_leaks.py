@@ -41,6 +41,7 @@ class Launcher:
         self.env = dict(os.environ, TMPDIR=str(self.tmp), RAY_TMPDIR=str(self.ray_tmp), HF_HUB_OFFLINE="1",
                         PERCEIVE_IR_TEST_MARK=self.mark, PATH=str(Path(sys.executable).parent) + os.pathsep +
                         os.environ.get("PATH", ""))
+        self.env.pop("PERCEIVE_IR_CACHE", None)  # set by jobs run earlier in this process: the node's default here
 
     def start(self, command: list[str]) -> subprocess.Popen:
         return subprocess.Popen(command, cwd=self.root, env=self.env, stdout=subprocess.PIPE,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -116,6 +117,7 @@ class SearchResult:
     records: list
     registered: Optional[dict[str, str]]
     resumed: bool
+    fit_s: float  # wall time of Tune's fit: the trials, without the record and the registration after it
 
 
 def run_search(plan: SearchPlan, repo: Path) -> SearchResult:
@@ -164,8 +166,10 @@ def run_search(plan: SearchPlan, repo: Path) -> SearchResult:
             run_config=tune.RunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=filesystem,
                                       callbacks=[EarlyStopMarker(tracking_uri, base.tracking.experiment, cfg.name)],
                                       verbose=1))
+    start = time.perf_counter()
     try:
         ran = len(tuner.fit())
+        fit_s = time.perf_counter() - start
     except Exception:
         tracker.finish("FAILED")
         raise
@@ -182,4 +186,4 @@ def run_search(plan: SearchPlan, repo: Path) -> SearchResult:
     log_results(tracker, plan, records)
     registered = register_best(tracker, plan, records)
     tracker.finish("FINISHED")
-    return SearchResult(parent_run_id, tracking_uri, records, registered, resumed)
+    return SearchResult(parent_run_id, tracking_uri, records, registered, resumed, fit_s)
