@@ -4,7 +4,10 @@
    Ray), wall time; and the whole one-trial search (parent run, results table, plot) against it;
 2. the trial-steps a 4-trial search trains under ASHA against FIFO (learning rates 3e-3 .. 1.0).
 
-    python benchmarks/bench_tune.py [--steps 30] [--val-every 10]
+    python benchmarks/bench_tune.py [--steps 30] [--val-every 10] [--overhead-only]
+
+Tune's cost per trial is mostly fixed (its trial actor, the trial function's imports): the ratio of
+1. shrinks as trials get longer (``--steps 300 --val-every 100 --overhead-only``).
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--val-every", type=int, default=10)
+    parser.add_argument("--overhead-only", action="store_true", help="skip the 4-trial ASHA/FIFO searches")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import os
@@ -98,6 +102,8 @@ def main() -> None:
     print(f"stage-2 run of {args.steps} steps alone: {alone:.1f} s; as one Tune trial: {search.fit_s:.1f} s "
           f"(ratio {search.fit_s / alone:.2f}x, target <= 1.15x); the whole one-trial search, with its "
           f"parent run, results table and plot: {whole:.1f} s ({whole / alone:.2f}x)")
+    if args.overhead_only:
+        return
 
     space = {"optimizer.lr": {"grid": [3.0e-3, 1.0e-3, 1.0, 0.5]}}
     figures = {}
