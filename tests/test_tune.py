@@ -185,7 +185,6 @@ def test_relaunch_after_kill_does_not_train_ended_trials_again(killed_and_relaun
 
 def test_trial_checkpoints_live_under_the_storage_path(killed_and_relaunched):
     from perceive_ir.data.storage import filesystem
-
     from perceive_ir.tracking import RUN_NAME_TAG
 
     client = killed_and_relaunched["client"]
