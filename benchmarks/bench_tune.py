@@ -6,8 +6,8 @@
 
     python benchmarks/bench_tune.py [--steps 30] [--val-every 10] [--overhead-only]
 
-Tune's cost per trial is mostly fixed (its trial actor, the trial function's imports): the ratio of
-1. shrinks as trials get longer (``--steps 300 --val-every 100 --overhead-only``).
+Tune adds a roughly fixed cost per trial (about 10 s on a 2-core machine), so the ratio in 1.
+shrinks as trials get longer (``--steps 300 --val-every 100 --overhead-only``).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from perceive_ir.config import from_dict
 from perceive_ir.orchestration.config import JobConfig, Stage1Config, Stage2Config
 from perceive_ir.train.engine import init_distributed
 from perceive_ir.train.loop import TrainingSettings, run_training
+from perceive_ir.train.products import node_cache
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +144,6 @@ def train_worker(payload: dict[str, Any]) -> None:
 
     # Rank 0 logs through a background buffer: training goes on while the store is away.
     tracker = RunTracker(payload["tracking_uri"], payload["run_id"], cfg.tracking, background=True) if rank == 0 else None
-    from perceive_ir.train.products import node_cache
-
     cache = node_cache()
     try:
         torch.manual_seed(cfg.loop.seed)  # the models' initial weights: the same in every launch

@@ -176,8 +176,8 @@ def run_search(plan: SearchPlan, repo: Path) -> SearchResult:
     if ran < trials:
         # Tune uploads its trial list and its searcher's state as separate files: a driver killed
         # between the two uploads can come back with a searcher ahead of its trials.
-        log.warning("%s: %d of %d planned trials ran; the driver was killed while Tune saved its state, and "
-                    "the trials it had just created were lost", cfg.name, ran, trials)
+        log.warning("%s: %d of %d planned trials ran; most likely an earlier driver was killed while Tune "
+                    "saved its state, losing the trials it had just created", cfg.name, ran, trials)
         tracker.set_tags({LOST_TRIALS_TAG: str(trials - ran)})
     from mlflow.tracking import MlflowClient
 

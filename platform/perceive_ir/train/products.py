@@ -87,7 +87,8 @@ def _listing(client, run_id: str, path: str) -> list[tuple[str, int]]:
 
 def node_cache() -> Path:
     """The node's cache: ``$PERCEIVE_IR_CACHE``, else one per user in the temporary folder."""
-    return Path(os.environ.get("PERCEIVE_IR_CACHE") or Path(tempfile.gettempdir()) / "perceive_ir_cache" / str(os.getuid()))
+    default = Path(tempfile.gettempdir()) / "perceive_ir_cache" / str(os.getuid())
+    return Path(os.environ.get("PERCEIVE_IR_CACHE") or default)
 
 
 def product_cache() -> Path:
