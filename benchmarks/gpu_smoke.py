@@ -108,7 +108,7 @@ def main() -> int:
                                   device, work)
         products = work / "stage1"
         stage2_overrides = common + [f"loop.max_steps={args.steps}", f"perceiver={products / 'perceiver'}",
-                                     f"medium_tier={products / 'medium_tier'}"]
+                                     f"medium_tier={products / 'medium_tier'}", "loss.l3=0.1"]  # L_dpl too
         stage2, rate2 = run_stage("stage2", stage2_overrides, device, work)
         failures = []
         for name, tracker, rate in (("stage 1", stage1, rate1), ("stage 2", stage2, rate2)):

@@ -134,6 +134,7 @@ def test_stage2_stopped_then_relaunched_continues_in_the_same_run(env, stage1, r
     overrides = env["common"] + [
         "name=stage2-test", f"perceiver=runs:/{stage1.run_id}/perceiver", f"medium_tier=runs:/{stage1.run_id}/medium_tier",
         "loop.max_steps=6", "loop.checkpoint_every=2", "loop.val_every=3", "loop.log_every=1",
+        "loss.l3=0.1",  # every stage-2 term (the tiny profile leaves L_dpl off)
         f"storage.path={env['bucket']}/ray", f"storage.endpoint_url={env['options']['endpoint_url']}",
     ]
     first = launch("stage2", load_config(Stage2Config, REPO / "configs/stage2_tiny.yaml", overrides + ["loop.stop_after_steps=3"]), REPO)

@@ -182,10 +182,10 @@ def test_stage2_without_medium_tier_warns_naming_the_setting():
     from perceive_ir.orchestration.config import Stage2Config
 
     with pytest.warns(UserWarning, match="without 'medium_tier': L_dpl loses its hard negatives"):
-        load_config(Stage2Config, REPO / "configs/stage2_tiny.yaml", ["perceiver=x"])
+        load_config(Stage2Config, REPO / "configs/stage2_tiny.yaml", ["perceiver=x", "loss.l3=0.1"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        load_config(Stage2Config, REPO / "configs/stage2_tiny.yaml", ["perceiver=x", "medium_tier=y"])
+        load_config(Stage2Config, REPO / "configs/stage2_tiny.yaml", ["perceiver=x", "medium_tier=y", "loss.l3=0.1"])
         load_config(Stage2Config, REPO / "configs/stage2_tiny.yaml", ["perceiver=x", "loss.l3=0"])  # no L_dpl
 
 
