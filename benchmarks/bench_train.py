@@ -49,7 +49,8 @@ def build(batch: int, patch: int, device, losses: str = "full", dtype=None):
 
     os.chdir(REPO)
     torch.manual_seed(0)
-    overrides = ["perceiver=unused"] + (["loss.l1=0", "loss.l2=0", "loss.l3=0"] if losses == "l1" else [])
+    # "full": every stage-2 term, L_dpl included (the tiny profile itself leaves it off)
+    overrides = ["perceiver=unused"] + (["loss.l1=0", "loss.l2=0", "loss.l3=0"] if losses == "l1" else ["loss.l3=0.1"])
     cfg = load_config(Stage2Config, REPO / "configs/stage2_tiny.yaml", overrides)
     perceiver_cfg = ensure_clip_weights(
         from_dict(PerceiverConfig, yaml.safe_load((REPO / "configs/models/perceiver_tiny.yaml").read_text())),
