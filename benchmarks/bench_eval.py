@@ -8,8 +8,8 @@ Compares, on the same restorer in the same process:
   add numpy Gaussian noise on the 0-255 scale, 8-bit round, restore a 1-image batch, then
   scikit-image's PSNR and SSIM on the CPU;
 - scorer: this platform's worker path (:class:`perceive_ir.eval.scoring.Scorer`): images of one size
-  batched, seeded degradation on the device, reflect padding to the multiple, PSNR in torch and SSIM
-  by scikit-image on the CPU (in torch on an accelerator), for the input as well as the output;
+  batched as the device prefers (one at a time on a CPU), seeded degradation on the device, reflect
+  padding to the multiple, PSNR and SSIM in torch, for the input as well as the output;
 - protocol: the same through Ray (``ray.num_workers`` actors, chunks, progress), actor start-up
   included, Ray start-up not.
 
@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from perceive_ir.config import from_dict, load_config  # noqa: E402
 from perceive_ir.eval.inference import InferenceConfig  # noqa: E402
-from perceive_ir.eval.protocol import EvalConfig, _chunks, _score, _start_workers  # noqa: E402
+from perceive_ir.eval.protocol import CHUNK, EvalConfig, _chunks, _score, _start_workers  # noqa: E402
 from perceive_ir.eval.scoring import Scorer  # noqa: E402
 from perceive_ir.eval.suite import SuiteConfig, resolve_suite  # noqa: E402
 from perceive_ir.models import RestorerConfig  # noqa: E402
@@ -77,7 +77,7 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=68)
     parser.add_argument("--model", choices=sorted(MODELS), default="quickstart")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the device's (1 on a CPU)")
     args = parser.parse_args()
 
     import ray
@@ -99,16 +99,17 @@ def main() -> int:
 
     folder = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     save_restorer(model, cfg, folder / "restorer")
-    eval_cfg = load_config(EvalConfig, REPO / "configs/eval/quickstart.yaml", [
-        f"model={folder / 'restorer'}", f"inference.batch_size={args.batch_size}", "progress=false",
-        f"ray.resources_per_worker={{CPU: {threads}}}"])
+    overrides = [f"model={folder / 'restorer'}", "progress=false", f"ray.resources_per_worker={{CPU: {threads}}}"]
+    if args.batch_size:
+        overrides.append(f"inference.batch_size={args.batch_size}")
+    eval_cfg = load_config(EvalConfig, REPO / "configs/eval/quickstart.yaml", overrides)
     product = {n: (folder / "restorer" / n).read_bytes() for n in ("restorer.json", "model.safetensors")}
     ray.init(num_cpus=threads, runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "platform")}})
 
     def protocol() -> float:
         start = time.perf_counter()
         workers = _start_workers(eval_cfg, product)
-        _score(workers, _chunks(items, args.batch_size), progress=False)
+        _score(workers, _chunks(items, args.batch_size or CHUNK), progress=False)
         elapsed = time.perf_counter() - start
         for w in workers:
             ray.kill(w)
@@ -134,11 +135,11 @@ def main() -> int:
     n = len(items)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"CBSD68 sigma 25, {n} full images (481x321), model '{args.model}' ({params:.2f} M parameters), "
-          f"{threads} torch threads, batch {args.batch_size}, best of {args.rounds} alternating rounds")
+          f"{threads} torch threads, batch {args.batch_size or 'of the device (1)'}, best of {args.rounds} alternating rounds")
     print(f"{'path':<44} {'images/s':>9} {'speed-up':>9}")
     base = n / best["peers"]
     for name, label in (("peers", "peers' loop (one image, skimage metrics)"),
-                        ("scorer", "scorer (batched, input + output metrics)"),
+                        ("scorer", "scorer (input + output metrics)"),
                         ("protocol", "protocol on Ray (1 actor, start-up incl.)")):
         rate = n / best[name]
         print(f"{label:<44} {rate:>9.2f} {rate / base:>8.2f}x")

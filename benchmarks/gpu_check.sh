@@ -48,7 +48,7 @@ step() {  # step NAME COMMAND...: run, append its output to the results file, re
 
 if [ "$dry_run" -eq 1 ]; then
   # Without a GPU the cuda-marked tests are skipped: the selection itself must still work.
-  step "CUDA tests (selection only)" $python -m pytest -q -m cuda tests/test_device_audit.py tests/test_degrade.py
+  step "CUDA tests (selection only)" $python -m pytest -q -m cuda tests/test_device_audit.py tests/test_degrade.py tests/test_eval.py
   step "stage 1 + stage 2 smoke run (CPU)" $python benchmarks/gpu_smoke.py --device cpu --steps 2
   for bench in bench_degrade bench_models bench_train; do
     step "$bench starts" $python "benchmarks/$bench.py" --help
@@ -56,7 +56,7 @@ if [ "$dry_run" -eq 1 ]; then
 else
   $python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
     echo "no CUDA device: use --dry-run on a machine without a GPU" | tee -a "$out"; exit 1; }
-  step "CUDA tests" $python -m pytest -q -m cuda tests/test_device_audit.py tests/test_degrade.py
+  step "CUDA tests" $python -m pytest -q -m cuda tests/test_device_audit.py tests/test_degrade.py tests/test_eval.py
   step "stage 1 + stage 2, 50 steps, bf16" $python benchmarks/gpu_smoke.py --device cuda --steps 50
   step "degradation engine on the GPU" $python benchmarks/bench_degrade.py --device cuda
   step "models on the GPU" $python benchmarks/bench_models.py --device cuda

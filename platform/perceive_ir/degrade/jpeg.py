@@ -7,7 +7,6 @@ from typing import Mapping
 
 import numpy as np
 import torch
-from torchvision.io import decode_jpeg, encode_jpeg
 
 from .registry import Degradation, register
 from .rng import SampleRNG
@@ -19,6 +18,10 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def _codec(batch: torch.Tensor, quality: int) -> list[torch.Tensor]:
     """Encode and decode a uint8 (n, 3, H, W) batch at one quality, on its device."""
+    # Imported here: torchvision.io loads all of torchvision (1.5 s), which every process that
+    # imports the degradations (evaluation actors, CLIs) would pay without ever compressing.
+    from torchvision.io import decode_jpeg, encode_jpeg
+
     images = list(batch.unbind(0))
     with warnings.catch_warnings():
         # torchvision 0.29 announces a future move of its codecs to TorchCodec.

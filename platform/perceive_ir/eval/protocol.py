@@ -28,6 +28,8 @@ from perceive_ir.tracking import TrackingConfig
 
 log = logging.getLogger(__name__)
 
+CHUNK = 4  # images per call to a worker when inference.batch_size is left to the device
+
 __all__ = ["MetricsConfig", "EvalConfig", "EvaluationResult", "run_evaluation"]
 
 
@@ -227,7 +229,7 @@ def run_evaluation(cfg: EvalConfig, working_dir: Optional[Path] = None) -> Evalu
     start = time.perf_counter()
     workers = _start_workers(cfg, product)
     try:
-        records = _score(workers, _chunks(items, cfg.inference.batch_size), cfg.progress)
+        records = _score(workers, _chunks(items, cfg.inference.batch_size or CHUNK), cfg.progress)
         elapsed = time.perf_counter() - start
         order = list(dict.fromkeys((i.set, i.type, i.level) for i in items))
         rows = summarize(records, order)

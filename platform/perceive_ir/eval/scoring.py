@@ -18,7 +18,7 @@ import torch
 from perceive_ir.data.images import decode_rgb8
 from perceive_ir.data.storage import open_url
 from perceive_ir.degrade import DegradationConfig, Degrader, Spec
-from perceive_ir.eval.inference import FullImageRestorer, InferenceConfig
+from perceive_ir.eval.inference import FullImageRestorer, InferenceConfig, batch_size_on
 from perceive_ir.eval.metrics import psnr, ssim
 from perceive_ir.eval.suite import Item
 
@@ -109,7 +109,7 @@ class Scorer:
         groups: dict[tuple, list[Item]] = defaultdict(list)
         for item in items:
             groups[item.degraded is None, image_size(item)].append(item)
-        size = self.inference.batch_size
+        size = batch_size_on(self.inference, self.device)
         for members in groups.values():
             for start in range(0, len(members), size):
                 yield members[start : start + size]
