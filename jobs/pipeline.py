@@ -122,7 +122,8 @@ def checked_launch(stage: str, stage_cfg):
     try:
         preflight(stage, stage_cfg, working_dir=REPO, launch_dir=REPO)
     except PreflightError as err:
-        print(f"pipeline: {stage} pre-flight: {err}", file=sys.stderr)
+        hint = " (here: another workdir=, or run_prefix=, starts new runs)" if err.setting == "name" else ""
+        print(f"pipeline: {stage} pre-flight: {err}{hint}", file=sys.stderr)
         raise SystemExit(err.exit_code) from None
     return launch(stage, stage_cfg, working_dir=REPO)
 

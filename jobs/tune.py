@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         # On a copy: each trial rebuilds its config from the YAML files, inside the repository.
-        preflight("stage2", copy.deepcopy(plan.base), working_dir=REPO, launch_dir=REPO)
+        preflight("stage2", copy.deepcopy(plan.base), working_dir=REPO, launch_dir=REPO, check_relaunch=False)
     except PreflightError as err:
         print(f"tune: pre-flight of the base stage-2 config: {err}", file=sys.stderr)
         return err.exit_code

@@ -169,3 +169,23 @@ def test_run_storage_takes_the_endpoint_variable_when_the_config_sets_none(monke
         monkeypatch.setenv(name, value)
     with pytest.raises(StorageUnreachable, match=f"endpoint {url} \\(from AWS_ENDPOINT_URL\\)\\) cannot be reached"):
         run_storage(RunStorageConfig(path="s3://bucket/ray"))
+
+
+def test_a_relaunch_that_changes_what_the_checkpoints_rest_on_is_refused(launch_dir, monkeypatch):
+    """A relaunch under a run's name resumes its checkpoints: the model, loss, optimizer or data
+    settings must be the run's; the cluster, the step counts and the intervals may change."""
+    from perceive_ir.config import flatten
+    from perceive_ir.tracking import find_or_create_run
+
+    monkeypatch.chdir(launch_dir)
+    first = stage2(launch_dir, "name=relaunch-check")
+    preflight("stage2", first, working_dir=REPO)  # no run of that name yet
+    find_or_create_run(first.tracking, first.name, flatten(first), {}, "stage2")  # what launch() then does
+    preflight("stage2", stage2(launch_dir, "name=relaunch-check", "ray.num_workers=1", "loop.max_steps=900",
+                               "loop.val_every=50"), working_dir=REPO)
+    changed = stage2(launch_dir, "name=relaunch-check", "loss.l3=0.1", "restorer.backbone.params.width=16")
+    with pytest.raises(PreflightError, match=r"^'name': a run named 'relaunch-check' \(MLflow run \w+\) was started "
+                                             r"with other settings \(loss.l3 '0.0' -> '0.1'; "
+                                             r"restorer.backbone.params.width '8' -> '16'\).*another name"):
+        preflight("stage2", changed, working_dir=REPO)
+    preflight("stage2", stage2(launch_dir, "name=relaunch-check-2", "loss.l3=0.1"), working_dir=REPO)

@@ -58,6 +58,19 @@ class DataSection:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
+# The settings a run's checkpoints rest on. A relaunch under the run's name resumes its checkpoints,
+# so changing one of these would continue (or fail to load) weights trained for something else; the
+# pre-flight refuses it. The rest (cluster, storage, tracking, step counts, intervals) may change.
+RUN_IDENTITY = ("restorer", "loss", "perceiver", "medium_tier", "clip_init_seed", "folds", "restorer_steps",
+                "prompt_steps", "prompt_lr", "optimizer", "data.degradation", "data.train.patch_size",
+                "data.train.batch_size", "loop.seed", "engine.gradient_accumulation_steps")
+
+
+def identity_settings(params: dict[str, str]) -> dict[str, str]:
+    """The flattened settings of ``params`` that :data:`RUN_IDENTITY` names."""
+    return {k: v for k, v in params.items() if any(k == p or k.startswith(p + ".") for p in RUN_IDENTITY)}
+
+
 @dataclass
 class JobConfig:
     name: str  # the run name: a relaunch with the same name continues the run

@@ -2,7 +2,8 @@
 
 :func:`preflight` resolves the config's local paths and then checks, in order: local files
 (DeepSpeed config, weight files, arch configs), the shard sources and their manifests, the
-tracking store, the stage-1 products, and the run storage. Each failure is one line naming the
+tracking store, that a relaunch under an existing run's name keeps the settings its checkpoints rest
+on, the stage-1 products, and the run storage. Each failure is one line naming the
 setting. Local paths are resolved against the folder the job was launched from and handed to the
 workers as absolute paths; when the job runs on a remote cluster, only paths inside the uploaded
 repository travel (relative to it), and any other local path is refused with the reason.
@@ -25,7 +26,7 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 from perceive_ir.data.storage import ENDPOINT_VARIABLE, StorageError, is_unreachable
-from perceive_ir.orchestration.config import JobConfig, is_local_path, path_settings, set_setting
+from perceive_ir.orchestration.config import JobConfig, identity_settings, is_local_path, path_settings, set_setting
 
 __all__ = ["PreflightError", "Placement", "placement", "preflight", "resolve_paths", "local_ray_temporary_folder"]
 
@@ -114,9 +115,10 @@ def _excluded(relative: Path) -> bool:
 
 
 def preflight(stage: str, cfg: JobConfig, working_dir: Optional[Path] = None,
-              launch_dir: Optional[Path] = None, check_tracking: bool = True) -> JobConfig:
+              launch_dir: Optional[Path] = None, check_tracking: bool = True, check_relaunch: bool = True) -> JobConfig:
     """Resolve ``cfg``'s local paths (in place) and check every input of the job; raises
-    :class:`PreflightError`. Call before ``ray.init``: nothing here starts Ray or touches a GPU."""
+    :class:`PreflightError`. Call before ``ray.init``: nothing here starts Ray or touches a GPU.
+    ``check_relaunch=False`` for a config that is never launched under its own name (a search's base)."""
     where = placement(cfg, working_dir, launch_dir)
     resolve_paths(cfg, where)
     if cfg.storage.path.startswith("s3://") and not cfg.storage.endpoint_url and os.environ.get(ENDPOINT_VARIABLE):
@@ -126,6 +128,8 @@ def preflight(stage: str, cfg: JobConfig, working_dir: Optional[Path] = None,
     _check_files(cfg, paths, root, where)
     _check_sources(cfg, root)
     tracking_uri = _check_tracking(cfg) if check_tracking else None
+    if tracking_uri is not None and check_relaunch:
+        _check_relaunch(cfg)
     _check_products(stage, cfg, root, tracking_uri)
     _check_storage(cfg)
     return cfg
@@ -216,6 +220,26 @@ def _safe(uri: str) -> str:
 
 
 _PRODUCT_FILES = {"perceiver": ("perceiver.json",), "medium_tier": ("medium_tier.json",)}
+
+
+def _check_relaunch(cfg: JobConfig) -> None:
+    from perceive_ir.config import flatten
+    from perceive_ir.tracking.mlflow_run import existing_run, redact_params
+
+    found = existing_run(cfg.tracking, cfg.name)
+    if found is None:
+        return
+    run_id, before = found
+    now = identity_settings(redact_params(flatten(cfg)))
+    # Settings a run logged no value for are newer than it: nothing to compare.
+    changed = sorted((k, before[k], v) for k, v in now.items() if k in before and before[k] != v)
+    if not changed:
+        return
+    listed = "; ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changed[:6])
+    more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+    raise PreflightError("name", f"a run named '{cfg.name}' (MLflow run {run_id}) was started with other settings "
+                         f"({listed}{more}), and a relaunch under its name resumes its checkpoints: give this job "
+                         f"another name to start a new run, or keep those settings to continue that one")
 
 
 def _check_products(stage: str, cfg: JobConfig, root: Path, tracking_uri: Optional[str]) -> None:

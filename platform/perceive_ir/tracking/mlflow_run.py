@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 from perceive_ir.data.storage import is_secret_name
 from perceive_ir.tracking.buffer import BufferSettings, TrackingBuffer, limit_client_retries
 
-__all__ = ["TrackingConfig", "resolve_tracking_uri", "find_or_create_run", "RunTracker", "redact_params",
+__all__ = ["TrackingConfig", "resolve_tracking_uri", "find_or_create_run", "existing_run", "RunTracker", "redact_params",
            "version_tags", "RUN_NAME_TAG", "safe_uri"]
 
 RUN_NAME_TAG = "perceive_ir.run_name"
@@ -129,6 +129,22 @@ def _experiment_id(client, cfg: TrackingConfig, uri: str) -> str:
     return client.create_experiment(cfg.experiment, artifact_location=location)
 
 
+def _named_runs(client, experiment: str, run_name: str) -> list:
+    quoted = run_name.replace("'", "\\'")
+    return client.search_runs([experiment], filter_string=f"tags.`{RUN_NAME_TAG}` = '{quoted}'",
+                              max_results=1, order_by=["attributes.start_time ASC"])
+
+
+def existing_run(cfg: TrackingConfig, run_name: str) -> Optional[tuple[str, dict[str, str]]]:
+    """``(run id, params)`` of the run a launch named ``run_name`` would continue, or None; creates nothing."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    runs = _named_runs(client, experiment.experiment_id, run_name) if experiment is not None else []
+    return (runs[0].info.run_id, dict(runs[0].data.params)) if runs else None
+
+
 def find_or_create_run(cfg: TrackingConfig, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str],
                        job: str) -> tuple[str, str, bool]:
     """``(tracking URI, run id, created)``: the run tagged with ``run_name``, or a new one with the params."""
@@ -141,9 +157,7 @@ def find_or_create_run(cfg: TrackingConfig, run_name: str, params: Mapping[str, 
     except Exception as err:  # noqa: BLE001 - name the store that cannot be reached
         raise ConnectionError(f"MLflow tracking store '{safe_uri(uri)}' (from 'tracking.uri' or "
                               f"MLFLOW_TRACKING_URI) cannot be used: {err}") from None
-    quoted = run_name.replace("'", "\\'")
-    runs = client.search_runs([experiment], filter_string=f"tags.`{RUN_NAME_TAG}` = '{quoted}'",
-                              max_results=1, order_by=["attributes.start_time ASC"])
+    runs = _named_runs(client, experiment, run_name)
     if runs:
         run_id = runs[0].info.run_id
         client.update_run(run_id, status="RUNNING")
