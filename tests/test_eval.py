@@ -49,7 +49,7 @@ def _assert_matches_scikit_image(pairs: list[tuple[np.ndarray, np.ndarray]], dev
         expected_psnr = peak_signal_noise_ratio(ref, out, data_range=1)
         expected_ssim = structural_similarity(ref, out, data_range=1, channel_axis=2)
         assert abs(psnr(x, y).item() - expected_psnr) < 1e-3
-        y_out, y_ref = (rgb_to_y(t)[0, 0].double().numpy() for t in (x, y))
+        y_out, y_ref = (rgb_to_y(t)[0, 0].double().cpu().numpy() for t in (x, y))
         assert abs(psnr(x, y, y_channel=True).item() - peak_signal_noise_ratio(y_ref, y_out, data_range=1)) < 1e-3
         assert abs(ssim(x, y).item() - expected_ssim) < 1e-4
         expected_y = structural_similarity(y_ref, y_out, data_range=1)
