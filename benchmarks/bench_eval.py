@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from perceive_ir.config import from_dict, load_config  # noqa: E402
 from perceive_ir.eval.inference import InferenceConfig  # noqa: E402
-from perceive_ir.eval.protocol import CHUNK, EvalConfig, _chunks, _score, _start_workers  # noqa: E402
+from perceive_ir.eval.protocol import EvalConfig, _chunks, _score, _start_workers, chunk_size  # noqa: E402
 from perceive_ir.eval.scoring import Scorer  # noqa: E402
 from perceive_ir.eval.suite import SuiteConfig, resolve_suite  # noqa: E402
 from perceive_ir.models import RestorerConfig  # noqa: E402
@@ -72,6 +72,31 @@ def peers_loop(model: torch.nn.Module, files: list[Path], seed: int = 0) -> tupl
     return time.perf_counter() - start, forward
 
 
+def ssim_costs(files: list[Path], seed: int = 0) -> tuple[float, float, float]:
+    """Milliseconds per image of this platform's SSIM and scikit-image's on the noisy images, and their
+    largest difference."""
+    from PIL import Image
+    from skimage.metrics import structural_similarity
+
+    from perceive_ir.eval.metrics import ssim
+
+    rng = np.random.RandomState(seed)
+    spent = {"torch": 0.0, "skimage": 0.0}
+    largest = 0.0
+    for path in files:
+        clean = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255
+        noisy = np.round(np.clip(clean + rng.randn(*clean.shape) * 25 / 255, 0, 1) * 255) / 255
+        x, y = (torch.from_numpy(a).permute(2, 0, 1)[None].float() for a in (noisy, clean))
+        begin = time.perf_counter()
+        ours = ssim(x, y).item()
+        spent["torch"] += time.perf_counter() - begin
+        begin = time.perf_counter()
+        reference = structural_similarity(clean, noisy, data_range=1, channel_axis=2)
+        spent["skimage"] += time.perf_counter() - begin
+        largest = max(largest, abs(ours - reference))
+    return spent["torch"] * 1000 / len(files), spent["skimage"] * 1000 / len(files), largest
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=68)
@@ -106,10 +131,14 @@ def main() -> int:
     product = {n: (folder / "restorer" / n).read_bytes() for n in ("restorer.json", "model.safetensors")}
     ray.init(num_cpus=threads, runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "platform")}})
 
+    start_up: list[float] = []
+
     def protocol() -> float:
         start = time.perf_counter()
         workers = _start_workers(eval_cfg, product)
-        _score(workers, _chunks(items, args.batch_size or CHUNK), progress=False)
+        ray.get([w.__ray_ready__.remote() for w in workers])
+        start_up.append(time.perf_counter() - start)
+        _score(workers, _chunks(items, chunk_size(eval_cfg.inference)), progress=False)
         elapsed = time.perf_counter() - start
         for w in workers:
             ray.kill(w)
@@ -143,6 +172,10 @@ def main() -> int:
                         ("protocol", "protocol on Ray (1 actor, start-up incl.)")):
         rate = n / best[name]
         print(f"{label:<44} {rate:>9.2f} {rate / base:>8.2f}x")
+    print(f"actor start-up (process, imports, model) {min(start_up):.1f} s of the protocol's best round")
+    ssim_torch, ssim_skimage, largest = ssim_costs(files)
+    print(f"SSIM of one image: torch {ssim_torch:.0f} ms, scikit-image {ssim_skimage:.0f} ms "
+          f"({ssim_skimage / ssim_torch:.1f}x); largest difference over the {n} images {largest:.1e}")
     print(f"the model's forward is {forward_share:.0%} of the peers' loop: the most a loop around the same "
           f"forward can gain on this device is {1 / forward_share:.2f}x")
     return 0

@@ -52,7 +52,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor, peak: float = 1.0, y_channel: bool = 
          window: int = SSIM_WINDOW, backend: Literal["torch", "scikit-image"] = "torch") -> torch.Tensor:
     """B SSIM values, scikit-image's ``structural_similarity(data_range=peak)`` with its default window.
 
-    ``backend="scikit-image"`` calls scikit-image itself (the reference, about 2.5x slower on a CPU)."""
+    ``backend="scikit-image"`` calls scikit-image itself (the reference; slower on a CPU, see benchmarks/bench_eval.py)."""
     x, y = _prepare(x, y, y_channel)
     if min(x.shape[-2:]) < window:
         raise ValueError(f"SSIM needs images of at least {window} x {window} pixels, got {tuple(x.shape[-2:])}")

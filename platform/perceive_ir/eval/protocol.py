@@ -74,6 +74,11 @@ class EvaluationResult:
     version_tags: dict[str, str] = field(default_factory=dict)
 
 
+def chunk_size(inference: InferenceConfig) -> int:
+    """Images per call to a worker: its batch, or :data:`CHUNK` when the worker's device picks the batch."""
+    return inference.batch_size or CHUNK
+
+
 def _chunks(items: list[Item], size: int) -> list[list[Item]]:
     """Items sorted by set, degradation and image size, cut into chunks of one size where possible
     (image sizes from file headers; shard samples are grouped by size on the worker)."""
@@ -229,7 +234,7 @@ def run_evaluation(cfg: EvalConfig, working_dir: Optional[Path] = None) -> Evalu
     start = time.perf_counter()
     workers = _start_workers(cfg, product)
     try:
-        records = _score(workers, _chunks(items, cfg.inference.batch_size or CHUNK), cfg.progress)
+        records = _score(workers, _chunks(items, chunk_size(cfg.inference)), cfg.progress)
         elapsed = time.perf_counter() - start
         order = list(dict.fromkeys((i.set, i.type, i.level) for i in items))
         rows = summarize(records, order)
