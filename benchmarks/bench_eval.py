@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from perceive_ir.config import from_dict, load_config  # noqa: E402
 from perceive_ir.eval.inference import InferenceConfig  # noqa: E402
-from perceive_ir.eval.protocol import EvalConfig, _chunks, _score, _start_workers, chunk_size  # noqa: E402
+from perceive_ir.workflows.evaluation import EvalConfig, chunk_items, chunk_size, score_chunks, start_workers  # noqa: E402
 from perceive_ir.eval.scoring import Scorer  # noqa: E402
 from perceive_ir.eval.suite import SuiteConfig, resolve_suite  # noqa: E402
 from perceive_ir.models import RestorerConfig  # noqa: E402
@@ -107,7 +107,7 @@ def main() -> int:
 
     import ray
 
-    from perceive_ir.train.products import save_restorer
+    from perceive_ir.products import save_restorer
 
     root = REPO.parent / "shared" / "datasets"
     suite = from_dict(SuiteConfig, {"name": "bench", "data_root": str(root), "sets": [
@@ -135,10 +135,10 @@ def main() -> int:
 
     def protocol() -> float:
         start = time.perf_counter()
-        workers = _start_workers(eval_cfg, product)
+        workers = start_workers(eval_cfg, product)
         ray.get([w.__ray_ready__.remote() for w in workers])
         start_up.append(time.perf_counter() - start)
-        _score(workers, _chunks(items, chunk_size(eval_cfg.inference)), progress=False)
+        score_chunks(workers, chunk_items(items, chunk_size(eval_cfg.inference)), progress=False)
         elapsed = time.perf_counter() - start
         for w in workers:
             ray.kill(w)

@@ -36,7 +36,7 @@ def run_row(args: argparse.Namespace, backbone: str, conditioned: bool, losses: 
     from perceive_ir.losses import LossConfig
     from perceive_ir.models import MediumTierGenerator, PerceiverConfig, RestorerConfig
     from perceive_ir.models.clip_backend import register_arch_config
-    from perceive_ir.registry import ComponentSpec
+    from perceive_ir.components import ComponentSpec
 
     device = torch.device(args.device)
     tiny = device.type == "cpu"

@@ -43,7 +43,7 @@ def build(batch: int, patch: int, device, losses: str = "full", dtype=None):
     from perceive_ir.degrade import DegradationConfig, Degrader
     from perceive_ir.models import MediumTierGenerator, PerceiverConfig
     from perceive_ir.orchestration.config import Stage2Config
-    from perceive_ir.train.products import ensure_clip_weights
+    from perceive_ir.products import ensure_clip_weights
     from perceive_ir.train.steps import DegradedBatch, synthesize
     from perceive_ir.train.tasks import Stage2Task
 
@@ -239,7 +239,7 @@ def interleaved(workers: int, args) -> dict[str, list[float]]:
 
 def cpu_mode(args) -> None:
     from perceive_ir.orchestration.config import RaySettings
-    from perceive_ir.orchestration.trainer import connect
+    from perceive_ir.orchestration.ray_runtime import connect
 
     median = statistics.median
     connect(RaySettings(num_workers=2), REPO)  # default health checks: a tight interval costs CPU

@@ -34,7 +34,7 @@ def products(root: Path) -> tuple[str, Path]:
     from _train_fixtures import build_tiny_shards
     from perceive_ir.data.package_photos import copy_photos
     from perceive_ir.models import PerceiverConfig
-    from perceive_ir.train.products import ensure_clip_weights, save_perceiver
+    from perceive_ir.products import ensure_clip_weights, save_perceiver
 
     photos = root / "photos"
     photos.mkdir()
@@ -77,7 +77,7 @@ def main() -> None:
     import os
 
     os.chdir(REPO)
-    from perceive_ir.orchestration.trainer import connect, launch
+    from perceive_ir.orchestration.ray_runtime import connect, launch
     from perceive_ir.search.runner import run_search
 
     root = Path(tempfile.mkdtemp(prefix="bench_tune-"))

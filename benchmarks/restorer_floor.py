@@ -26,7 +26,7 @@ from perceive_ir.degrade import DegradationConfig, Degrader, Spec  # noqa: E402
 from perceive_ir.eval.inference import FullImageRestorer, InferenceConfig  # noqa: E402
 from perceive_ir.eval.metrics import psnr  # noqa: E402
 from perceive_ir.eval.scoring import read_image, to_tensor  # noqa: E402
-from perceive_ir.train.products import load_restorer, resolve_product  # noqa: E402
+from perceive_ir.products import load_restorer, resolve_product  # noqa: E402
 
 CASES = [("clean", None), ("gaussian_blur", "light"), ("gaussian_blur", "heavy"), ("haze", "light")]
 

@@ -23,24 +23,8 @@ for entry in (REPO / "platform", REPO):  # a plain checkout runs unchanged (ray 
 
 from perceive_ir.config import ConfigError, load_config  # noqa: E402
 from perceive_ir.data.storage import StorageError, add_endpoint_argument, is_unreachable, set_default_endpoint  # noqa: E402
-from perceive_ir.eval.protocol import EvalConfig, EvaluationResult, run_evaluation  # noqa: E402
-from perceive_ir.eval.suite import MissingSetError  # noqa: E402
-
-
-def print_result(result: EvaluationResult) -> None:
-    for note in result.notes:
-        print(f"note: {note}")
-    print(result.table)
-    print("per type:   " + "; ".join(f"{t} {v['psnr_in']:.2f} -> {v['psnr_out']:.2f} dB"
-                                      for t, v in result.per_type.items()))
-    print(f"reports:    {result.folder} (table.md, table.csv, per_image.csv)")
-    if result.curves:
-        print(f"curves:     {result.curves}")
-    if result.grid:
-        print(f"best/worst: {result.grid}")
-    print(f"MLflow:     evaluation run {result.run_id} ({result.tracking_uri}), suite hash {result.suite_hash}")
-    if result.version_tags:
-        print(f"model version tagged: {', '.join(sorted(result.version_tags))}")
+from perceive_ir.eval.items import MissingSetError  # noqa: E402
+from perceive_ir.workflows.evaluation import EvalConfig, format_result, run_evaluation  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as err:  # exit 1: the store did not answer
         print(f"evaluate: {err}", file=sys.stderr)
         return 1 if is_unreachable(err) else 2
-    print_result(result)
+    print(format_result(result))
     print(f"MLFLOW_RUN_ID={result.run_id}")
     return 0
 

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from perceive_ir.config import load_config
     from perceive_ir.models import RestorerConfig, VGGConfig, VGGFeatures
-    from perceive_ir.registry import ComponentSpec
+    from perceive_ir.components import ComponentSpec
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", nargs="*", default=[str(REPO / "configs/models" / c) for c in DEFAULT_CONFIGS])

@@ -148,7 +148,7 @@ def train(cfg: PipelineConfig, shards: str) -> None:
     print_validation_table(stage2.tracking_uri, stage2.run_id, stage2_cfg.data.validation.types)
     if not cfg.evaluate:
         return
-    from perceive_ir.tracking.model_registry import registered_from_run
+    from perceive_ir.registry.lineage import registered_from_run
 
     version = registered_from_run(stage2.tracking_uri, stage2.run_id, "restorer") if cfg.register_as else None
     model = f"models:/{version.name}/{version.version}" if version else f"runs:/{stage2.run_id}/restorer"
@@ -158,7 +158,7 @@ def train(cfg: PipelineConfig, shards: str) -> None:
 
 
 def _eval_overrides(cfg: PipelineConfig) -> list[str]:
-    from perceive_ir.eval.protocol import EvalConfig
+    from perceive_ir.workflows.evaluation import EvalConfig
 
     data_root = load_config(EvalConfig, REPO / cfg.eval_config, cfg.eval_overrides).data_root
     if "://" not in data_root and not Path(data_root).is_absolute():
@@ -169,9 +169,7 @@ def _eval_overrides(cfg: PipelineConfig) -> list[str]:
 def evaluate(cfg: PipelineConfig, tracking_uri: str, model: str) -> list[str]:
     """The stage-2 restorer on the quickstart suite, as jobs/evaluate.py would score it; returns the
     suite overrides used (a promotion on the same suite reuses this evaluation)."""
-    from perceive_ir.eval.protocol import EvalConfig, run_evaluation
-
-    from evaluate import print_result
+    from perceive_ir.workflows.evaluation import EvalConfig, format_result, run_evaluation
 
     overrides = _eval_overrides(cfg)
     eval_cfg = load_config(EvalConfig, REPO / cfg.eval_config,
@@ -180,14 +178,14 @@ def evaluate(cfg: PipelineConfig, tracking_uri: str, model: str) -> list[str]:
     result = run_evaluation(eval_cfg, working_dir=REPO)
     print(f"\nEvaluation of the stage-2 restorer on suite '{eval_cfg.name}' (full images, fp32, "
           f"{len(result.records)} images in {time.perf_counter() - start:.0f} s):")
-    print_result(result)
+    print(format_result(result))
     return overrides
 
 
 def promote_and_list(cfg: PipelineConfig, tracking_uri: str, name: str, version: str, overrides: list[str]) -> None:
     """The restorer version through the promotion gates, then the registry as ``perceive-registry list`` shows it."""
-    from perceive_ir.tracking import registry_cli
-    from perceive_ir.tracking.promotion import Gates, PromotionRefused, promote
+    from perceive_ir.workflows.promotion import Gates, PromotionRefused, promote
+    from perceive_ir.workflows.registry_cli import list_versions
 
     gates = Gates(cfg.promotion_metric, cfg.promotion_margin)
     try:
@@ -197,7 +195,7 @@ def promote_and_list(cfg: PipelineConfig, tracking_uri: str, name: str, version:
     except PromotionRefused as err:
         print(f"\nPromotion refused: {err}")
     print(f"\n$ perceive-registry --tracking-uri {tracking_uri} list")
-    registry_cli.main(["--tracking-uri", tracking_uri, "list"])
+    print(list_versions(tracking_uri))
 
 
 def print_validation_table(tracking_uri: str, run_id: str, types: list[str]) -> None:

@@ -159,7 +159,7 @@ def test_a_preemption_notice_checkpoints_at_the_next_step_once(package_photos, t
     from perceive_ir.train.config import EngineConfig, LoopConfig, OptimizerConfig
     from perceive_ir.train.engine import init_distributed
     from perceive_ir.train.loop import TrainingSettings, run_training
-    from perceive_ir.train.products import ensure_clip_weights
+    from perceive_ir.products import ensure_clip_weights
     from perceive_ir.train.tasks import Stage1Task
     from conftest import _free_port
 

@@ -35,7 +35,7 @@ def _checkpoint_steps(folder: Path) -> set[int]:
 @pytest.fixture(scope="module")
 def inputs(package_photos, tmp_path_factory):
     """Shards, and stage-1 products made directly: a tiny random-CLIP perceiver and two fold restorers."""
-    from perceive_ir.train.products import save_medium_tier, save_perceiver
+    from perceive_ir.products import save_medium_tier, save_perceiver
 
     root = tmp_path_factory.mktemp("determinism")
     shards = build_tiny_shards(package_photos, str(root / "shards"))

@@ -131,7 +131,7 @@ def _yaml(value: dict) -> str:
 @pytest.fixture(scope="module")
 def stage1_products(tmp_path_factory):
     """A stage-1 task built by the worker's code, and its saved products (the stage-2 inputs)."""
-    from perceive_ir.train.products import save_medium_tier, save_perceiver
+    from perceive_ir.products import save_medium_tier, save_perceiver
 
     folder = tmp_path_factory.mktemp("device_audit")
     cfg = load_config(Stage1Config, REPO / "configs/stage1_tiny.yaml")

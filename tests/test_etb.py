@@ -27,7 +27,7 @@ from perceive_ir.models import ETBRestorer, MediumTierGenerator, RestorerConfig
 from perceive_ir.models.etb import EnhancedTransformerBlock
 from perceive_ir.models.prompt_block import PromptGenerationBlock
 from perceive_ir.models.restormer import Restormer, RestormerConfig, TransformerBlock
-from perceive_ir.registry import ComponentSpec
+from perceive_ir.components import ComponentSpec
 from perceive_ir.train.steps import Stage2Model
 
 MODELS = REPO / "configs" / "models"

@@ -109,7 +109,7 @@ def test_the_scorer_imports_without_torchvision():
     import subprocess
     import sys
 
-    code = "import sys, perceive_ir.eval.scoring, perceive_ir.train.products; print('torchvision' in sys.modules)"
+    code = "import sys, perceive_ir.eval.scoring, perceive_ir.products; print('torchvision' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
 

@@ -205,7 +205,7 @@ def test_evaluation_of_a_registered_tiny_restorer_on_ray(photo_sets, tmp_path, c
 
     import evaluate
     from perceive_ir.tracking import RunTracker, TrackingConfig, find_or_create_run
-    from perceive_ir.train.products import save_restorer
+    from perceive_ir.products import save_restorer
 
     net, cfg = _train_tiny_restorer(photo_sets)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

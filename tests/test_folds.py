@@ -27,7 +27,7 @@ from perceive_ir.data.pipeline import LoaderConfig, ShardSourceConfig, build_loa
 from perceive_ir.degrade import DegradationConfig, Degrader
 from perceive_ir.models import MediumTierGenerator, PerceiverConfig, RestorerConfig
 from perceive_ir.train.config import OptimizerConfig
-from perceive_ir.train.products import ensure_clip_weights
+from perceive_ir.products import ensure_clip_weights
 from perceive_ir.train.steps import synthesize
 from perceive_ir.train.tasks import Stage1Task
 from test_shards import small_photos
@@ -197,7 +197,7 @@ def test_shards_built_before_clean_identities_still_load(sources, tmp_path, capl
 
 def test_medium_tier_products_record_their_fold_rule_and_older_ones_are_flagged(tmp_path, caplog):
     from perceive_ir.models.medium_tier import FOLD_RULE
-    from perceive_ir.train.products import load_medium_tier, save_medium_tier
+    from perceive_ir.products import load_medium_tier, save_medium_tier
 
     cfg = from_dict(RestorerConfig, {"backbone": {"name": "nafnet", "params": {
         "width": 8, "encoder_blocks": [1, 1, 1, 1], "middle_blocks": 1, "decoder_blocks": [1, 1, 1, 1]}},
@@ -205,12 +205,12 @@ def test_medium_tier_products_record_their_fold_rule_and_older_ones_are_flagged(
     folder = save_medium_tier([cfg.build(), cfg.build()], cfg, tmp_path / "medium_tier")
     meta = json.loads((folder / "medium_tier.json").read_text())
     assert meta["fold_rule"] == FOLD_RULE
-    with caplog.at_level(logging.WARNING, logger="perceive_ir.train.products"):
+    with caplog.at_level(logging.WARNING, logger="perceive_ir.products"):
         load_medium_tier(folder)
     assert not caplog.records
     del meta["fold_rule"]  # a product saved when folds followed the sample key
     (folder / "medium_tier.json").write_text(json.dumps(meta))
-    with caplog.at_level(logging.WARNING, logger="perceive_ir.train.products"):
+    with caplog.at_level(logging.WARNING, logger="perceive_ir.products"):
         restorers, _ = load_medium_tier(folder)
     assert len(restorers) == 2
     assert any("fold rule 'sample key'" in r.getMessage() and "train stage 1 again" in r.getMessage()

@@ -20,7 +20,7 @@ import pytest
 
 from _train_fixtures import build_tiny_shards
 from conftest import REPO
-from perceive_ir.train.products import cached_download
+from perceive_ir.data.node_cache import cached_download
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ LEGACY = REPO / "tests" / "data" / "legacy_models"
 
 @pytest.mark.parametrize("name", ["legacy-restorer", "legacy-medium-tier"])
 def test_a_model_registered_before_the_move_loads_and_predicts_the_same(name):
-    from perceive_ir.tracking.model_registry import load_model
+    from perceive_ir.products import load_model
 
     images = np.load(LEGACY / "input.npy")
     model = load_model(str(LEGACY / name))  # refuses pickled content, then MLflow runs the model's own code copy

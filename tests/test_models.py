@@ -21,7 +21,7 @@ from _model_fixtures import (
 from perceive_ir.config import ConfigError, from_dict
 from perceive_ir.losses import LossConfig
 from perceive_ir.models import ConditionedRestorer, MediumTierGenerator, RestorerConfig, fold_of
-from perceive_ir.registry import ComponentSpec
+from perceive_ir.components import ComponentSpec
 
 BACKBONES = {"restormer": TINY_RESTORMER, "nafnet": TINY_NAFNET}
 

@@ -27,8 +27,8 @@ from perceive_ir.config import load_config
 from perceive_ir.models import RestorerConfig
 from perceive_ir.orchestration.config import Stage1Config, Stage2Config
 from perceive_ir.tracking import RunTracker, TrackingConfig, find_or_create_run
-from perceive_ir.tracking.model_registry import UnsafeModelError, load_model
-from perceive_ir.train import products
+from perceive_ir.products import UnsafeModelError, load_model
+from perceive_ir import products
 from test_evaluate import _train_tiny_restorer, photo_sets, small_suite  # noqa: F401 - shared fixture
 
 pytestmark = pytest.mark.slow
@@ -227,8 +227,8 @@ def test_a_planted_pickle_is_refused_not_executed(sqlite_registry, made, tmp_pat
 def test_promotion_gates_and_the_registry_cli(sqlite_registry, made, ray_session, capsys):
     from mlflow.tracking import MlflowClient
 
-    from perceive_ir.tracking import registry_cli
-    from perceive_ir.tracking.promotion import Gates, PromotionRefused, promote
+    from perceive_ir.workflows import registry_cli
+    from perceive_ir.workflows.promotion import Gates, PromotionRefused, promote
 
     uri, _ = sqlite_registry
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -327,7 +327,7 @@ np.savez(sys.argv[2], uint8=restorer.predict(images), float=restorer.predict(ima
 def test_the_champion_pair_loads_in_a_fresh_process_through_an_mlflow_server(mlflow_server, made, ray_session,
                                                                              tmp_path):
     from perceive_ir.eval.inference import FullImageRestorer, InferenceConfig
-    from perceive_ir.tracking.promotion import promote
+    from perceive_ir.workflows.promotion import promote
 
     uris = {}
     from perceive_ir.orchestration.trainer import register_products
@@ -372,7 +372,7 @@ def test_downloads_of_products_and_models_leave_no_temporary_folders(tmp_path, m
     is downloaded to a temporary folder that is gone once it is loaded, and the model still predicts."""
     import tempfile
 
-    from perceive_ir.tracking.model_registry import download_run_product, log_product_model
+    from perceive_ir.registry.registration import download_run_product, log_product_model
 
     scratch = tmp_path / "tmp"
     scratch.mkdir()

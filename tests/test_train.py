@@ -22,7 +22,7 @@ from perceive_ir.models import PerceiverConfig, RestorerConfig
 from perceive_ir.train.config import EngineConfig, LoopConfig, OptimizerConfig
 from perceive_ir.train.engine import deepspeed_settings, init_distributed, make_optimizer
 from perceive_ir.train.loop import LocalReporter, TrainingSettings, run_training
-from perceive_ir.train.products import ensure_clip_weights, load_perceiver, medium_tier_generator
+from perceive_ir.products import ensure_clip_weights, load_perceiver, medium_tier_generator
 from perceive_ir.train.schedule import phase_factor, warmup_cosine
 from perceive_ir.train.tasks import Stage1Task, Stage2Task
 
@@ -157,7 +157,7 @@ def _port() -> int:
 def test_bad_inputs_name_what_and_where(tmp_path, s3_endpoint):
     from perceive_ir.orchestration.config import RunStorageConfig, Stage2Config
     from perceive_ir.orchestration.storage import StorageUnreachable, run_storage
-    from perceive_ir.train.products import resolve_product
+    from perceive_ir.products import resolve_product
     from perceive_ir.train.state import load_state
     from perceive_ir.config import load_config
 

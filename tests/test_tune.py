@@ -37,7 +37,7 @@ def perceiver(tmp_path_factory) -> Path:
     """A stage-1 perceiver product (tiny random CLIP, untrained prompts)."""
     from perceive_ir.config import from_dict
     from perceive_ir.models import PerceiverConfig
-    from perceive_ir.train.products import ensure_clip_weights, save_perceiver
+    from perceive_ir.products import ensure_clip_weights, save_perceiver
 
     root = tmp_path_factory.mktemp("perceiver")
     raw = yaml.safe_load((REPO / "configs/models/perceiver_tiny.yaml").read_text())
@@ -261,7 +261,7 @@ def test_the_best_trial_is_registered_with_the_search_as_its_lineage(tmp_path, p
     from perceive_ir.search.report import TrialRecord
     from perceive_ir.search.tracking import open_parent_run, register_best
     from perceive_ir.tracking import RunTracker, TrackingConfig, find_or_create_run, version_tags
-    from perceive_ir.train.products import save_restorer
+    from perceive_ir.products import save_restorer
 
     config = write_search(tmp_path, str(tmp_path / "shards"), perceiver, {"path": str(tmp_path / "ray")})
     plan = plan_search(config)

@@ -43,7 +43,7 @@ class Record:
 def read_image(url: str, shard: str | None = None) -> np.ndarray:
     """H x W x 3 uint8 from a file URL, or from a member of a tar shard."""
     if shard is not None:
-        from perceive_ir.eval.shard_sets import read_member
+        from perceive_ir.data.tar_members import read_member
 
         data = read_member(shard, url)
     else:
@@ -69,7 +69,7 @@ def image_size(item: Item) -> tuple[int, int]:
     from PIL import Image
 
     if item.shard is not None:
-        from perceive_ir.eval.shard_sets import read_member
+        from perceive_ir.data.tar_members import read_member
 
         with Image.open(io.BytesIO(read_member(item.shard, item.clean))) as img:
             return img.size[::-1]

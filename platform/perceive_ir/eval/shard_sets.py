@@ -3,27 +3,13 @@
 from __future__ import annotations
 
 import json
-import tarfile
-from functools import lru_cache
 
 from perceive_ir.data.manifest import read_manifest, shard_urls
-from perceive_ir.data.storage import StorageError, is_unreachable, open_url
+from perceive_ir.data.storage import StorageError, is_unreachable
+from perceive_ir.data.tar_members import member_index, read_member
+from perceive_ir.eval.items import Item, MissingSetError
 
-__all__ = ["shard_items", "read_member"]
-
-
-@lru_cache(maxsize=8)
-def _index(url: str) -> dict[str, tuple[int, int]]:
-    """``{member name: (data offset, size)}`` of a tar shard (headers only are read)."""
-    with open_url(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-        return {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
-
-
-def read_member(url: str, name: str) -> bytes:
-    offset, size = _index(url)[name]
-    with open_url(url, "rb") as f:
-        f.seek(offset)
-        return f.read(size)
+__all__ = ["shard_items"]
 
 
 def _image_member(members: dict, key: str, role: str) -> str | None:
@@ -32,8 +18,6 @@ def _image_member(members: dict, key: str, role: str) -> str | None:
 
 def shard_items(s, location: str) -> list:
     """Items of set ``s`` (a :class:`~perceive_ir.eval.suite.SetConfig` with ``shards``)."""
-    from perceive_ir.eval.suite import Item, MissingSetError
-
     try:
         manifest = read_manifest(location)
     except StorageError as err:
@@ -42,7 +26,7 @@ def shard_items(s, location: str) -> list:
         raise MissingSetError(location) from None
     items = []
     for url in shard_urls(location, manifest):
-        members = _index(url)
+        members = member_index(url)
         for name in members:
             if not name.endswith(".json"):
                 continue

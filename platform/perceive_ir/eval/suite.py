@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -25,14 +24,12 @@ from typing import Literal, Optional
 from perceive_ir.config import to_dict
 from perceive_ir.data.images import SHARD_IMAGE_SUFFIXES
 from perceive_ir.data.storage import filesystem, is_unreachable, join, storage_error, unstrip
+from perceive_ir.eval.items import Item, MissingSetError
+from perceive_ir.eval.shard_sets import shard_items
 
 __all__ = ["SetConfig", "SuiteConfig", "Item", "MissingSetError", "resolve_suite", "suite_hash", "PACKAGE_PHOTOS"]
 
 PACKAGE_PHOTOS = "package:photos"
-
-
-class MissingSetError(FileNotFoundError):
-    """A test set of the suite cannot be found (raised before any model is loaded)."""
 
 
 @dataclass
@@ -85,20 +82,6 @@ class SuiteConfig:
             raise ValueError(f"suite '{self.name}': set names must be unique, got {names}")
 
 
-@dataclass(frozen=True)
-class Item:
-    """One image to score: clean (and degraded, for paired data) file, and the degradation to apply."""
-
-    set: str
-    image: str
-    type: str
-    level: str  # a named level; '' for real degraded images
-    clean: str
-    degraded: Optional[str] = None  # paired folders
-    shard: Optional[str] = None  # shards: the tar holding both
-    severity: float = math.nan
-
-
 def _location(root: str, location: str) -> str:
     if "://" in location or location.startswith("/") or location == PACKAGE_PHOTOS:
         return location
@@ -147,7 +130,6 @@ def _set_items(s: SetConfig, root: str) -> list[Item]:
         if unpaired:
             raise ValueError(f"set '{s.name}': images without a partner in input/target: {unpaired[:5]}")
         return [Item(s.name, n, s.type, "", clean[n], degraded[n]) for n in sorted(clean)[: s.limit]]
-    from perceive_ir.eval.shard_sets import shard_items
 
     return shard_items(s, _location(root, s.shards))
 

@@ -13,7 +13,7 @@ from perceive_ir.losses.clip_quality import ClipQualityConfig, ClipQualityLoss
 from perceive_ir.losses.contrast import ContrastConfig, DegradationContrastLoss
 from perceive_ir.losses.perceptual import DifficultyAdaptivePerceptualLoss, PerceptualConfig
 from perceive_ir.losses.reconstruction import ReconstructionLoss
-from perceive_ir.registry import ComponentSpec, Registry
+from perceive_ir.components import ComponentSpec, Registry
 
 __all__ = ["LOSSES", "LossConfig", "Stage2Loss"]
 

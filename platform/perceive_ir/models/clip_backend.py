@@ -119,7 +119,7 @@ def _openai_release_sha256s() -> frozenset[str]:
 
 def _local_weights_activation(source: weights.WeightSource, state: dict) -> tuple[str | None, str]:
     """(activation the file's weights were trained with or None when unknown, how that is known)."""
-    from perceive_ir.torchscript_weights import is_torchscript_archive
+    from perceive_ir.weights.torchscript import is_torchscript_archive
 
     if source.sha256 in _openai_release_sha256s():
         return "quick_gelu", f"OpenAI's released file '{source.path.name}' (sha256 {source.sha256})"

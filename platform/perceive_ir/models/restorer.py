@@ -1,6 +1,6 @@
 """Restorers chosen by name: ``RestorerConfig(backbone=..., conditioning=...).build()``.
 
-Both parts are :class:`~perceive_ir.registry.ComponentSpec` (a registered name plus typed
+Both parts are :class:`~perceive_ir.components.ComponentSpec` (a registered name plus typed
 parameters), so a new backbone or conditioning registers itself without touching this file::
 
     restorer:
@@ -14,7 +14,7 @@ import dataclasses
 
 from torch import nn
 
-from perceive_ir.registry import ComponentSpec, Registry
+from perceive_ir.components import ComponentSpec, Registry
 from perceive_ir.models.conditioning import ConditionedRestorer, ConditioningConfig
 from perceive_ir.models.etb import ETBRestorer
 from perceive_ir.models.nafnet import NAFNet, NAFNetConfig

@@ -11,13 +11,9 @@ repository travel (relative to it), and any other local path is refused with the
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import fnmatch
 import json
 import os
-import shutil
-import tempfile
 import socket
 import uuid
 from dataclasses import dataclass
@@ -27,8 +23,9 @@ from urllib.parse import urlsplit
 
 from perceive_ir.data.storage import ENDPOINT_VARIABLE, StorageError, is_unreachable
 from perceive_ir.orchestration.config import JobConfig, identity_settings, is_local_path, path_settings, set_setting
+from perceive_ir.orchestration.ray_runtime import UPLOAD_EXCLUDES, submitted_job_runtime_env
 
-__all__ = ["PreflightError", "Placement", "placement", "preflight", "resolve_paths", "local_ray_temporary_folder"]
+__all__ = ["PreflightError", "Placement", "placement", "preflight", "resolve_paths"]
 
 _SHARED = "a storage URL: s3://bucket/prefix, or file:///path on a file system every node mounts"
 _LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "::1", "0.0.0.0", "auto", "local"}
@@ -54,10 +51,8 @@ class Placement:
 
 
 def placement(cfg: JobConfig, working_dir: Optional[Path], launch_dir: Optional[Path] = None) -> Placement:
-    from perceive_ir.orchestration.trainer import _submitted_job_runtime_env
-
     launch_dir = Path(launch_dir or os.getcwd()).resolve()
-    job_env = _submitted_job_runtime_env()
+    job_env = submitted_job_runtime_env()
     if job_env is not None and job_env.get("working_dir"):
         return Placement(launch_dir, launch_dir, "this is a job submitted to a Ray cluster: it runs in an uploaded "
                          "copy of the repository, which holds no files of the submitting machine", in_job=True)
@@ -109,9 +104,7 @@ def _relative_inside(path: Path, root: Optional[Path]) -> Optional[Path]:
 
 
 def _excluded(relative: Path) -> bool:
-    from perceive_ir.orchestration.trainer import _UPLOAD_EXCLUDES
-
-    return any(fnmatch.fnmatch(part, pattern) for part in relative.parts for pattern in _UPLOAD_EXCLUDES)
+    return any(fnmatch.fnmatch(part, pattern) for part in relative.parts for pattern in UPLOAD_EXCLUDES)
 
 
 def preflight(stage: str, cfg: JobConfig, working_dir: Optional[Path] = None,
@@ -269,7 +262,7 @@ def _check_mlflow_product(key: str, location: str, tracking_uri: str) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from perceive_ir.tracking.evaluation import registered_version
+    from perceive_ir.products.locations import registered_version
 
     try:
         uri = registered_version(location, tracking_uri).source if location.startswith("models:/") else location
@@ -304,43 +297,3 @@ def _check_storage(cfg: JobConfig) -> None:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise PreflightError("storage.path", f"'{cfg.storage.path}' cannot be written: {message}",
                              is_unreachable(err) or "cannot be reached" in message) from None
-
-
-@contextlib.contextmanager
-def local_ray_temporary_folder():
-    """Around the ``ray.init`` that starts a local Ray: its processes (workers, agents) get a
-    temporary folder of this driver's own, removed when the driver exits. Processes killed hard
-    (with a killed driver, or at Ray's shutdown) cannot remove what they left there; the folders
-    of drivers no longer alive are removed here, at the next launch. Ray's session folder stays
-    where it would have been, and so does the product cache (``PERCEIVE_IR_CACHE``)."""
-    from perceive_ir.train.products import node_cache
-
-    root = Path(tempfile.gettempdir()) / "perceive_ir_jobs" / str(os.getuid())
-    for stale in root.glob("*"):
-        if stale.name.isdigit() and not _alive(int(stale.name)):
-            shutil.rmtree(stale, ignore_errors=True)
-    scratch = root / str(os.getpid())
-    scratch.mkdir(parents=True, exist_ok=True)
-    atexit.register(shutil.rmtree, scratch, True)  # registered before ray.init: runs after Ray's shutdown
-    os.environ.setdefault("RAY_TMPDIR", tempfile.gettempdir())
-    # caches outlive the job: the node's, as a process outside this folder finds it
-    os.environ.setdefault("PERCEIVE_IR_CACHE", str(node_cache()))
-    previous = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(scratch)  # inherited by the processes that ray.init starts
-    try:
-        yield str(scratch)
-    finally:
-        if previous is None:
-            os.environ.pop("TMPDIR")
-        else:
-            os.environ["TMPDIR"] = previous
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -3,82 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Optional
 
 from perceive_ir.config import flatten, to_dict
 from perceive_ir.data.pipeline import SourceShare, format_shares, source_shares
 from perceive_ir.data.storage import redact
-from perceive_ir.orchestration.config import JobConfig, RaySettings
+from perceive_ir.orchestration.config import JobConfig
+from perceive_ir.orchestration.ray_runtime import connect
 from perceive_ir.orchestration.storage import run_storage
+from perceive_ir.registry.lineage import product_lineage, registered_from_run, shard_manifest_tags, upstream_tags
+from perceive_ir.registry.registration import download_run_product, register_product
 from perceive_ir.tracking import RunTracker, find_or_create_run, version_tags
 
 log = logging.getLogger(__name__)
 
-__all__ = ["connect", "build_trainer", "launch", "runtime_env", "report_source_shares", "JobResult"]
-
-# Environment a worker needs from the launching shell when it is set there (never credentials).
-_PASSED_ENV = ("HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "OMP_NUM_THREADS", "AWS_ENDPOINT_URL",
-               "PERCEIVE_IR_CACHE")
-_UPLOAD_EXCLUDES = [".git", ".venv", "runs", "mlruns", "mlartifacts", "*.db", "__pycache__", "*.egg-info"]
-
-
-def runtime_env(settings: RaySettings, working_dir: Optional[Path], in_job: bool) -> dict[str, Any]:
-    """Workers run in the repository's folder (relative config paths hold) with ``platform/`` importable.
-    Inside a submitted job the working folder is already the job's: only environment variables are added."""
-    env_vars = {name: os.environ[name] for name in _PASSED_ENV if name in os.environ}
-    env_vars["PYTHONPATH"] = os.pathsep.join(["platform", "."])  # relative to the worker's working folder
-    if settings.health_check_interval_s is not None:
-        env_vars["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(settings.health_check_interval_s)
-    env: dict[str, Any] = {"env_vars": env_vars}
-    if not in_job and working_dir is not None:
-        env.update(working_dir=str(working_dir), excludes=_UPLOAD_EXCLUDES)
-    return env
-
-
-def _submitted_job_runtime_env() -> Optional[dict]:
-    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    if not raw:
-        return None
-    try:
-        return json.loads(raw).get("runtime_env") or {}
-    except json.JSONDecodeError:
-        return {}
-
-
-def connect(settings: RaySettings, working_dir: Optional[Path]) -> None:
-    """Join the cluster of a submitted job, a given address, or start a local Ray."""
-    import ray
-
-    if settings.health_check_interval_s is not None:
-        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(settings.health_check_interval_s)
-    if ray.is_initialized():
-        return
-    job_env = _submitted_job_runtime_env()
-    in_job = job_env is not None and bool(job_env.get("working_dir"))
-    env = runtime_env(settings, working_dir, in_job)
-    if in_job and "PYTHONPATH" in job_env.get("env_vars", {}):
-        env["env_vars"].pop("PYTHONPATH")  # the job's own setting wins; merging would conflict
-    kwargs: dict[str, Any] = {"runtime_env": env, "log_to_driver": True}
-    if settings.address:
-        kwargs["address"] = settings.address
-    elif not in_job and settings.local_cpus:
-        kwargs["num_cpus"] = settings.local_cpus
-    if not settings.address and job_env is None:
-        # Read by a raylet this process starts; ignored when ray.init joins a running cluster.
-        os.environ.setdefault("RAY_worker_niceness", str(settings.local_worker_niceness))
-        from perceive_ir.orchestration.preflight import local_ray_temporary_folder
-
-        with local_ray_temporary_folder() as scratch:  # what its processes leave goes with this driver
-            env["env_vars"]["TMPDIR"] = scratch
-            env["env_vars"]["PERCEIVE_IR_CACHE"] = os.environ["PERCEIVE_IR_CACHE"]  # outlives the scratch
-            ray.init(**kwargs)
-        return
-    ray.init(**kwargs)
-
+__all__ = ["build_trainer", "launch", "report_source_shares", "JobResult"]
 
 def build_trainer(cfg: JobConfig, payload: dict[str, Any], callbacks: Optional[list] = None):
     """``callbacks``: extra Ray Train callbacks of the run (e.g. reporting to an enclosing Tune trial)."""
@@ -133,11 +74,9 @@ def register_products(stage: str, cfg: JobConfig, tracker: RunTracker, *, search
                       extra_tags: Optional[dict[str, str]] = None) -> dict[str, str]:
     """Register the stage's products as MLflow models, versions of ``<register_as>-<product>`` with
     their lineage as tags (``search_run``: the Ray Tune search the run came from); returns their URIs."""
-    from perceive_ir.tracking import model_registry as registry
-
     run_tags = tracker.client.get_run(tracker.run_id).data.tags
     try:
-        shards = registry.shard_manifest_tags(cfg.data.train.sources, cfg.data.train.storage_options)
+        shards = shard_manifest_tags(cfg.data.train.sources, cfg.data.train.storage_options)
     except Exception as err:  # noqa: BLE001 - a manifest gone since training must not lose the products
         log.warning("shard manifests unreadable at registration: %s", err)
         shards = {"lineage.shard_manifests_sha256": "unknown"}
@@ -145,19 +84,19 @@ def register_products(stage: str, cfg: JobConfig, tracker: RunTracker, *, search
     for key in ("perceiver", "medium_tier"):  # stage 2's inputs (stage 1 may reuse a medium tier)
         location = getattr(cfg, key, None)
         if isinstance(location, str) and location:
-            upstream.update(registry.upstream_tags(key, location, tracker.uri))
+            upstream.update(upstream_tags(key, location, tracker.uri))
     uris: dict[str, str] = {}
     for product in sorted(PRODUCTS[stage], key=lambda p: p != "medium_tier"):  # a perceiver names its medium tier
-        done = registry.registered_from_run(tracker.uri, tracker.run_id, product)
+        done = registered_from_run(tracker.uri, tracker.run_id, product)
         if done is not None:  # a relaunch of a finished run registers nothing new
             uris[product] = f"models:/{done.name}/{done.version}"
             continue
         if product == "perceiver" and "medium_tier" in uris:
-            upstream.update(registry.upstream_tags("medium_tier", uris["medium_tier"], tracker.uri))
-        folder = registry.download_run_product(tracker.uri, tracker.run_id, product)
-        tags = registry.product_lineage(product, folder, run_tags, tracker.run_id, to_dict(cfg), shards, upstream,
+            upstream.update(upstream_tags("medium_tier", uris["medium_tier"], tracker.uri))
+        folder = download_run_product(tracker.uri, tracker.run_id, product)
+        tags = product_lineage(product, folder, run_tags, tracker.run_id, to_dict(cfg), shards, upstream,
                                         search_run) | dict(extra_tags or {})
-        uris[product] = registry.register_product(tracker.uri, tracker.run_id, folder,
+        uris[product] = register_product(tracker.uri, tracker.run_id, folder,
                                                   f"{cfg.tracking.register_as}-{product.replace('_', '-')}", tags)
         log.info("%s registered as %s", product, uris[product])
     return uris

@@ -15,7 +15,7 @@ from perceive_ir.config import from_dict
 from perceive_ir.orchestration.config import JobConfig, Stage1Config, Stage2Config
 from perceive_ir.train.engine import init_distributed
 from perceive_ir.train.loop import TrainingSettings, run_training
-from perceive_ir.train.products import node_cache
+from perceive_ir.data.node_cache import node_cache
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def training_settings(cfg: JobConfig) -> TrainingSettings:
 
 def build_task(stage: str, cfg: JobConfig, tracking_uri: str | None, cache: Path):
     """The stage task, with its inputs resolved (products downloaded from MLflow when given as URIs)."""
-    from perceive_ir.train.products import (
+    from perceive_ir.products import (
         ensure_clip_weights,
         load_medium_tier,
         load_perceiver,

@@ -127,7 +127,7 @@ def run_search(plan: SearchPlan, repo: Path) -> SearchResult:
     from ray import tune
 
     from perceive_ir.orchestration.storage import run_storage
-    from perceive_ir.orchestration.trainer import connect
+    from perceive_ir.orchestration.ray_runtime import connect
     from perceive_ir.search.trainable import OBJECTIVE, run_trial
     from perceive_ir.search.tracking import EarlyStopMarker, log_results, open_parent_run, register_best, trial_records
     from perceive_ir.tracking import RunTracker

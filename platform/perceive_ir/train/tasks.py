@@ -11,7 +11,7 @@ from perceive_ir.eval.validation import HeldOutSet, evaluate
 from perceive_ir.losses import LossConfig
 from perceive_ir.models import MediumTierGenerator, PerceiverConfig, QualityPerceiver, RestorerConfig
 from perceive_ir.train.config import OptimizerConfig
-from perceive_ir.train.products import save_medium_tier, save_perceiver, save_restorer
+from perceive_ir.products import save_medium_tier, save_perceiver, save_restorer
 from perceive_ir.train.schedule import phase_factor
 from perceive_ir.train.steps import DegradedBatch, Stage1Model, Stage2Model
 

@@ -1,4 +1,6 @@
-"""A tiny name -> builder registry, with typed parameters checked against a config dataclass.
+"""Component tables: name -> builder, with typed parameters checked against a config dataclass.
+
+(Not the MLflow model registry, which is :mod:`perceive_ir.registry`.)
 
 A registry maps a name (``"restormer"``) to a config dataclass and a builder. A
 :class:`ComponentSpec` in a configuration file names the component and carries its

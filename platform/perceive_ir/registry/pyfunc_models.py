@@ -1,7 +1,7 @@
 """MLflow models-from-code for the stage products: this file is what a registered model runs.
 
 A product logged as an MLflow model holds this file (``python_model``), the product folder as the
-artifact ``product`` (safetensors + JSON, read by ``perceive_ir.train.products``) and a signature;
+artifact ``product`` (safetensors + JSON, read by :mod:`perceive_ir.products`) and a signature;
 nothing is pickled. ``mlflow.pyfunc.load_model(uri).predict(images)`` takes B x H x W x 3 images
 (uint8 in 0..255, or float in [0, 1]; an object array or list of H x W x 3 arrays for mixed sizes):
 
@@ -9,6 +9,11 @@ nothing is pickled. ``mlflow.pyfunc.load_model(uri).predict(images)`` takes B x 
   (``perceive_ir.eval.inference``; params ``tile_size``, ``tile_overlap``, ``precision``);
 - medium tier: the same from one hold-out restorer (param ``fold``);
 - perceiver: a table of ``p_low``, ``p_medium``, ``p_high`` and ``quality`` per image.
+
+A copy of this file travels inside every registered model and runs whenever that model loads, so
+the names it imports from ``perceive_ir`` must stay where they are; models registered before the
+library's layers were set import old names, which ``tracking/model_registry.py`` and
+``train/products.py`` keep.
 """
 
 from __future__ import annotations
@@ -20,17 +25,11 @@ import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel
 
-from perceive_ir.tracking.model_registry import PRODUCT_ARTIFACT
-PRODUCT_FILES = {"restorer": "restorer.json", "perceiver": "perceiver.json", "medium_tier": "medium_tier.json"}
+from perceive_ir import products
+from perceive_ir.eval.inference import FullImageRestorer, InferenceConfig
+from perceive_ir.products import PRODUCT_ARTIFACT, product_kind
+
 QUALITY_COLUMNS = ("p_low", "p_medium", "p_high", "quality")
-
-
-def product_kind(folder: Path) -> str:
-    """Which product a folder holds, from its JSON file."""
-    for kind, name in PRODUCT_FILES.items():
-        if (folder / name).is_file():
-            return kind
-    raise FileNotFoundError(f"'{folder}' holds no product (none of {', '.join(PRODUCT_FILES.values())})")
 
 
 def image_list(model_input: Any) -> list[np.ndarray]:
@@ -94,8 +93,6 @@ class ProductModel(PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from perceive_ir.train import products
-
         folder = Path(context.artifacts[PRODUCT_ARTIFACT])
         self.kind = product_kind(folder)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -119,8 +116,6 @@ class ProductModel(PythonModel):
             return _as_batch(self._restore(images, params))
 
     def _restore(self, images: list[np.ndarray], params: dict[str, Any]) -> list[np.ndarray]:
-        from perceive_ir.eval.inference import FullImageRestorer, InferenceConfig
-
         fold = int(params.get("fold", 0))
         if not 0 <= fold < len(self.networks):
             raise ValueError(f"param 'fold': {fold} is not one of the {len(self.networks)} hold-out restorers")

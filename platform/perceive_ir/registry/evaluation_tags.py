@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-__all__ = ["ModelReference", "model_reference", "registered_version", "tag_model_version"]
+from perceive_ir.products.locations import registered_version
+
+__all__ = ["ModelReference", "model_reference", "tag_model_version"]
 
 
 @dataclass
@@ -24,18 +26,6 @@ class ModelReference:
             if value:
                 tags[key] = value
         return tags
-
-
-def registered_version(location: str, tracking_uri: str):
-    """The MLflow ``ModelVersion`` of ``models:/<name>/<n>`` or ``models:/<name>@<alias>``."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    ref = location[len("models:/"):]
-    if "@" in ref:
-        return client.get_model_version_by_alias(*ref.split("@", 1))
-    name, _, number = ref.partition("/")
-    return client.get_model_version(name, number)
 
 
 def model_reference(location: str, tracking_uri: str) -> ModelReference:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from perceive_ir.tracking.model_registry import LINEAGE, perceiver_identity
+from perceive_ir.registry.lineage import LINEAGE, perceiver_identity
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def evaluation_of(tags: dict[str, str], suite: str, digest: str, metric: str) ->
 def _suite(suite_file: str | Path, overrides: Sequence[str], model: str, tracking_uri: str):
     """The evaluation config of ``model`` on the suite, and the suite's hash (without scoring)."""
     from perceive_ir.config import load_config
-    from perceive_ir.eval.protocol import EvalConfig
+    from perceive_ir.workflows.evaluation import EvalConfig
     from perceive_ir.eval.suite import resolve_suite, suite_hash
 
     cfg = load_config(EvalConfig, suite_file, [*overrides, f"model={model}", f"tracking.uri={tracking_uri}"])
@@ -165,7 +165,7 @@ def promote(name: str, version: str, suite_file: str | Path, tracking_uri: str, 
     score = evaluation_of(candidate.tags, cfg.name, digest, gates.metric)
     evaluated = False
     if score is None and evaluate:
-        from perceive_ir.eval.protocol import run_evaluation
+        from perceive_ir.workflows.evaluation import run_evaluation
 
         log.info("evaluating %s v%s on suite '%s' (%s)", name, version, cfg.name, digest)
         run_evaluation(cfg, working_dir=working_dir)  # tags the version with eval.<suite>.*

@@ -5,7 +5,7 @@
     perceive-registry promote perceive-ir-restorer 3 --suite configs/eval/paper.yaml [--metric psnr_out --margin 0.05]
 
 Tracking URI: ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``.
-``promote`` exits with 1 and the reason when a gate refuses (see ``perceive_ir.tracking.promotion``).
+``promote`` exits with 1 and the reason when a gate refuses (see ``perceive_ir.workflows.promotion``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import json
 import sys
 from typing import Optional
 
-from perceive_ir.tracking.model_registry import LINEAGE
-from perceive_ir.tracking.promotion import RESTORER_SUFFIX, Gates, PromotionRefused, promote
+from perceive_ir.registry.lineage import LINEAGE
+from perceive_ir.workflows.promotion import RESTORER_SUFFIX, Gates, PromotionRefused, promote
 
 HEADLINE = ("psnr_out", "ssim_out")
 

@@ -15,7 +15,7 @@ A local path may also be a folder as the hubs lay them out (e.g. Hugging Face's
 ``facebook/dinov2-base``): the first of the weight files the loader names is taken from it.
 
 Local files are read without executing code: safetensors, ``torch.load(weights_only=True)``, or
-a TorchScript archive's tensors read by :mod:`perceive_ir.torchscript_weights` (never
+a TorchScript archive's tensors read by :mod:`perceive_ir.weights.torchscript` (never
 ``torch.jit.load``). The format is told from the file's content, not its name.
 """
 
@@ -162,7 +162,7 @@ def _file_kind(path: Path) -> str:
     if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (100 << 20):
         return "safetensors"
     if head.startswith(b"PK\x03\x04"):
-        from perceive_ir.torchscript_weights import is_torchscript_archive
+        from perceive_ir.weights.torchscript import is_torchscript_archive
 
         return "torchscript" if is_torchscript_archive(path) else "torch"
     return "torch"
@@ -183,7 +183,7 @@ def read_state_dict(path: str | Path, config_key: str | None = None) -> dict[str
 
             state = load_file(str(path), device="cpu")
         elif kind == "torchscript":
-            from perceive_ir.torchscript_weights import read_torchscript_state
+            from perceive_ir.weights.torchscript import read_torchscript_state
 
             state = read_torchscript_state(path)
         else:

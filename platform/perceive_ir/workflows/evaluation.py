@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 CHUNK = 4  # images per call to a worker when inference.batch_size is left to the device
 
-__all__ = ["MetricsConfig", "EvalConfig", "EvaluationResult", "run_evaluation"]
+__all__ = ["MetricsConfig", "EvalConfig", "EvaluationResult", "run_evaluation", "format_result", "chunk_size",
+           "chunk_items", "start_workers", "score_chunks"]
 
 
 @dataclass
@@ -79,7 +80,7 @@ def chunk_size(inference: InferenceConfig) -> int:
     return inference.batch_size or CHUNK
 
 
-def _chunks(items: list[Item], size: int) -> list[list[Item]]:
+def chunk_items(items: list[Item], size: int) -> list[list[Item]]:
     """Items sorted by set, degradation and image size, cut into chunks of one size where possible
     (image sizes from file headers; shard samples are grouped by size on the worker)."""
     from perceive_ir.eval.scoring import image_size
@@ -98,7 +99,7 @@ def _chunks(items: list[Item], size: int) -> list[list[Item]]:
 
 def _product(location: str, tracking_uri: str) -> dict[str, Any]:
     """The restorer folder's files as bytes, for workers on any node."""
-    from perceive_ir.train.products import resolve_product
+    from perceive_ir.products import resolve_product
 
     folder = resolve_product(location, "model", "model", tracking_uri)
     files = {name: folder / name for name in ("restorer.json", "model.safetensors")}
@@ -119,7 +120,7 @@ def _worker_class():
             import torch
 
             from perceive_ir.eval.scoring import Scorer
-            from perceive_ir.train.products import load_restorer
+            from perceive_ir.products import load_restorer
 
             torch.set_num_threads(max(1, threads))
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -140,7 +141,7 @@ def _worker_class():
     return EvalWorker
 
 
-def _start_workers(cfg: EvalConfig, product: dict[str, bytes]) -> list:
+def start_workers(cfg: EvalConfig, product: dict[str, bytes]) -> list:
     import ray
 
     n = cfg.ray.num_workers
@@ -155,7 +156,7 @@ def _start_workers(cfg: EvalConfig, product: dict[str, bytes]) -> list:
     return [worker.remote(shared, options, int(math.ceil(cpus))) for _ in range(n)]
 
 
-def _score(workers: list, chunks: list[list[Item]], progress: bool) -> list[Record]:
+def score_chunks(workers: list, chunks: list[list[Item]], progress: bool) -> list[Record]:
     from ray.util import ActorPool
     from tqdm import tqdm
 
@@ -217,9 +218,9 @@ def _metrics(rows: list[Row], per_type: dict[str, dict[str, float]], mean: dict[
 def run_evaluation(cfg: EvalConfig, working_dir: Optional[Path] = None) -> EvaluationResult:
     import ray
 
-    from perceive_ir.orchestration.trainer import connect
+    from perceive_ir.orchestration.ray_runtime import connect
     from perceive_ir.tracking import RunTracker, find_or_create_run, resolve_tracking_uri, version_tags
-    from perceive_ir.tracking.evaluation import model_reference, tag_model_version
+    from perceive_ir.registry.evaluation_tags import model_reference, tag_model_version
 
     if not cfg.model:
         raise ValueError("no model to evaluate: set model=<runs:/<id>/restorer | models:/<name>/<n> | folder>")
@@ -232,9 +233,9 @@ def run_evaluation(cfg: EvalConfig, working_dir: Optional[Path] = None) -> Evalu
     product = _product(cfg.model, tracking_uri)
     connect(cfg.ray, working_dir)
     start = time.perf_counter()
-    workers = _start_workers(cfg, product)
+    workers = start_workers(cfg, product)
     try:
-        records = _score(workers, _chunks(items, chunk_size(cfg.inference)), cfg.progress)
+        records = score_chunks(workers, chunk_items(items, chunk_size(cfg.inference)), cfg.progress)
         elapsed = time.perf_counter() - start
         order = list(dict.fromkeys((i.set, i.type, i.level) for i in items))
         rows = summarize(records, order)
@@ -255,3 +256,20 @@ def run_evaluation(cfg: EvalConfig, working_dir: Optional[Path] = None) -> Evalu
                                          {"suite_hash": digest, "run_id": run_id})
     return EvaluationResult(run_id, tracking_uri, digest, rows, records, mean, per_type, folder, table, curves, grid,
                             notes, version_tags_set)
+
+
+def format_result(result: EvaluationResult) -> str:
+    """What an evaluation prints: notes, the table, per-type headline, where the reports are."""
+    lines = [f"note: {note}" for note in result.notes]
+    lines.append(result.table)
+    lines.append("per type:   " + "; ".join(f"{t} {v['psnr_in']:.2f} -> {v['psnr_out']:.2f} dB"
+                                            for t, v in result.per_type.items()))
+    lines.append(f"reports:    {result.folder} (table.md, table.csv, per_image.csv)")
+    if result.curves:
+        lines.append(f"curves:     {result.curves}")
+    if result.grid:
+        lines.append(f"best/worst: {result.grid}")
+    lines.append(f"MLflow:     evaluation run {result.run_id} ({result.tracking_uri}), suite hash {result.suite_hash}")
+    if result.version_tags:
+        lines.append(f"model version tagged: {', '.join(sorted(result.version_tags))}")
+    return "\n".join(lines)
