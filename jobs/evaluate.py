@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     except (MissingSetError, ValueError, FileNotFoundError) as err:
         print(f"evaluate: {err}", file=sys.stderr)
         return 2
+    except ConnectionError as err:  # exit 1: the tracking store did not answer
+        print(f"evaluate: {err}", file=sys.stderr)
+        return 1
     except StorageError as err:  # exit 1: the store did not answer
         print(f"evaluate: {err}", file=sys.stderr)
         return 1 if is_unreachable(err) else 2

@@ -14,8 +14,11 @@ products are registered as MLflow models (``quickstart-perceiver``, ``quickstart
 on the registered stage-2 restorer: full test images of a small suite (configs/eval/quickstart.yaml),
 its table and where the severity curves are; then the version goes through the promotion gates
 (reusing that evaluation) and the pair becomes ``@champion``, and ``perceive-registry list`` is printed.
-Everything it writes stays under ``workdir`` (checkpoints, the MLflow SQLite file unless
-MLFLOW_TRACKING_URI is set); rerunning reuses finished shards and finished runs.
+Files go under ``workdir`` (photos, shards, checkpoints, reports); runs and models go to the default
+tracking store that every job and ``perceive-registry`` use, ``runs/mlflow.db`` in the folder it is
+launched from (``tracking_uri=`` or MLFLOW_TRACKING_URI for another). It ends by printing the values
+of the placeholders the documentation's next commands take (``<stage-1 run id>``, ...). Rerunning
+reuses finished shards and finished runs.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +68,7 @@ class PipelineConfig:
     promote: bool = True  # move @champion to the evaluated restorer when the promotion gates hold
     promotion_metric: str = "psnr_out"
     promotion_margin: float = 0.0
+    tracking_uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else the default store (runs/mlflow.db)
 
 
 def run_data_stage(cfg: PipelineConfig) -> str:
@@ -106,8 +111,9 @@ def _stage_overrides(cfg: PipelineConfig, shards: str, stage: str) -> list[str]:
         f"name={cfg.run_prefix}-{stage}",
         f"data.train.sources=[{{location: {shards}}}]",
         f"storage.path={workdir / 'ray'}",
-        f"tracking.default_db={workdir / 'mlflow.db'}",
     ]
+    if cfg.tracking_uri:
+        overrides.append(f"tracking.uri={cfg.tracking_uri}")
     if cfg.register_as:
         overrides.append(f"tracking.register_as={cfg.register_as}")
     return overrides + list(cfg.train_overrides)
@@ -146,8 +152,14 @@ def train(cfg: PipelineConfig, shards: str) -> None:
     print(f"[5/5] stage 2: {stage2_cfg.loop.max_steps} steps in {time.perf_counter() - start:.0f} s; "
           f"MLflow run {stage2.run_id}")
     print_validation_table(stage2.tracking_uri, stage2.run_id, stage2_cfg.data.validation.types)
-    if not cfg.evaluate:
-        return
+    try:
+        if cfg.evaluate:
+            evaluate_and_promote(cfg, stage2)
+    finally:
+        print_placeholders(stage1.run_id, stage2.run_id, stage2.tracking_uri)
+
+
+def evaluate_and_promote(cfg: PipelineConfig, stage2) -> None:
     from perceive_ir.registry.lineage import registered_from_run
 
     version = registered_from_run(stage2.tracking_uri, stage2.run_id, "restorer") if cfg.register_as else None
@@ -155,6 +167,16 @@ def train(cfg: PipelineConfig, shards: str) -> None:
     overrides = evaluate(cfg, stage2.tracking_uri, model)
     if version is not None and cfg.promote:
         promote_and_list(cfg, stage2.tracking_uri, version.name, str(version.version), overrides)
+
+
+PLACEHOLDERS = ("<stage-1 run id>", "<stage-2 run id>")
+
+
+def print_placeholders(stage1_run: str, stage2_run: str, tracking_uri: str) -> None:
+    """The values of the placeholders in the documentation's commands, one per line."""
+    print(f"\nFor the next commands of the README and docs/ (tracking store {tracking_uri}):")
+    for name, value in zip(PLACEHOLDERS, (stage1_run, stage2_run)):
+        print(f"  {name} = {value}")
 
 
 def _eval_overrides(cfg: PipelineConfig) -> list[str]:

@@ -228,3 +228,12 @@ def register_webdataset_opener(storage_options: Mapping[str, Any] | None = None,
 
     for scheme in schemes:
         gopen.gopen_schemes[scheme] = open_with_fsspec
+
+
+def missing_store(tracking_uri: str | None) -> str | None:
+    """The SQLite file of ``tracking_uri`` when it does not exist: a lookup there would find nothing, and
+    MLflow would leave an empty store behind. None for any other store."""
+    if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = tracking_uri[len("sqlite:///"):]
+    return None if os.path.isfile(path) else path

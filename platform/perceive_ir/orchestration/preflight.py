@@ -242,7 +242,7 @@ def _check_products(stage: str, cfg: JobConfig, root: Path, tracking_uri: Option
             continue
         if location.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
             if tracking_uri is not None:
-                _check_mlflow_product(key, location, tracking_uri)
+                _check_mlflow_product(key, location, cfg, tracking_uri)
             continue
         folder = _local(location, root)
         missing = [name for name in _PRODUCT_FILES[key] if not (folder / name).is_file()]
@@ -257,13 +257,19 @@ def _check_products(stage: str, cfg: JobConfig, root: Path, tracking_uri: Option
                 raise PreflightError(key, f"'{location}' lacks {', '.join(absent)}")
 
 
-def _check_mlflow_product(key: str, location: str, tracking_uri: str) -> None:
-    """The URI names artifacts that exist (listed, not downloaded)."""
+def _check_mlflow_product(key: str, location: str, cfg: JobConfig, tracking_uri: str) -> None:
+    """The URI names artifacts that exist (listed, not downloaded); the message names the store asked."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from perceive_ir.data.storage import missing_store
     from perceive_ir.products.locations import registered_version
+    from perceive_ir.tracking.mlflow_run import describe_store, tracking_source
 
+    store = describe_store(tracking_uri, tracking_source(cfg.tracking))
+    if missing_store(tracking_uri):
+        raise PreflightError(key, f"'{location}' cannot be resolved in {store}; give the store that holds it "
+                                  "(tracking.uri or MLFLOW_TRACKING_URI)")
     try:
         uri = registered_version(location, tracking_uri).source if location.startswith("models:/") else location
         if uri.startswith("runs:/"):
@@ -273,10 +279,10 @@ def _check_mlflow_product(key: str, location: str, tracking_uri: str) -> None:
             found = mlflow.artifacts.list_artifacts(artifact_uri=uri, tracking_uri=tracking_uri)
     except Exception as err:  # noqa: BLE001 - MLflow raises several types; one line naming the URI
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise PreflightError(key, f"'{location}' cannot be resolved in {_safe(tracking_uri)}: {message}",
+        raise PreflightError(key, f"'{location}' cannot be resolved in {store}: {message}",
                              is_unreachable(err)) from None
     if not found:
-        raise PreflightError(key, f"'{location}' names no artifacts in {_safe(tracking_uri)}")
+        raise PreflightError(key, f"'{location}' names no artifacts in {store}")
 
 
 def _check_storage(cfg: JobConfig) -> None:

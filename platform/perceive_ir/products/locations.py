@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from perceive_ir.data.node_cache import cached_download
+from perceive_ir.data.storage import missing_store
 from perceive_ir.products.model_folders import model_product_folder
 
 __all__ = ["URI_SCHEMES", "resolve_product", "download", "registered_version"]
@@ -31,12 +32,18 @@ def resolve_product(location: str, what: str, config_key: str, tracking_uri: str
     return model_product_folder(path)
 
 
+def _require_store(tracking_uri: str | None) -> None:
+    if missing_store(tracking_uri):
+        raise FileNotFoundError(f"the tracking store {tracking_uri} does not exist")
+
+
 def download(location: str, tracking_uri: str | None) -> Path:
     """The files behind an MLflow URI, in this node's product cache: downloaded once, then shared
     by every worker and trial of the node (see :func:`~perceive_ir.data.node_cache.cached_download`)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    _require_store(tracking_uri)
     # a registered version -> the artifact URI it was registered from (the registry is the tracking store)
     uri = registered_version(location, tracking_uri).source if location.startswith("models:/") else location
     identity = {"uri": uri}
@@ -60,6 +67,7 @@ def registered_version(location: str, tracking_uri: str | None):
     """The MLflow ``ModelVersion`` of ``models:/<name>/<n>`` or ``models:/<name>@<alias>``."""
     from mlflow.tracking import MlflowClient
 
+    _require_store(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     ref = location[len("models:/"):]
     if "@" in ref:

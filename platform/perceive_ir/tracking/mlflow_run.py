@@ -18,20 +18,23 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 from urllib.parse import urlsplit, urlunsplit
 
-from perceive_ir.data.storage import is_secret_name
+from perceive_ir.data.storage import is_secret_name, missing_store
 from perceive_ir.tracking.buffer import BufferSettings, TrackingBuffer, limit_client_retries
 
-__all__ = ["TrackingConfig", "resolve_tracking_uri", "find_or_create_run", "existing_run", "RunTracker", "redact_params",
-           "version_tags", "RUN_NAME_TAG", "safe_uri"]
+__all__ = ["TrackingConfig", "resolve_tracking_uri", "tracking_source", "describe_store", "find_or_create_run",
+           "existing_run", "RunTracker", "redact_params", "version_tags", "RUN_NAME_TAG", "safe_uri", "DEFAULT_DB"]
 
 RUN_NAME_TAG = "perceive_ir.run_name"
+# One default store for every job, the quickstart and perceive-registry: what one of them writes,
+# the next finds, when all are launched from the same folder (the repository's root, as documented).
+DEFAULT_DB = "runs/mlflow.db"
 
 
 @dataclass
 class TrackingConfig:
     uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else sqlite:///<default_db>
     experiment: str = "perceive-ir"
-    default_db: str = "mlflow.db"
+    default_db: str = DEFAULT_DB  # relative: to the folder the job is launched from
     artifact_location: Optional[str] = None  # new experiments only; None: 'mlartifacts' beside a SQLite file
     register_as: Optional[str] = None  # register the job's products as models '<register_as>-<product>'
     # Logging from training goes through a buffer written in the background (see tracking.buffer).
@@ -63,6 +66,21 @@ def resolve_tracking_uri(cfg: TrackingConfig) -> str:
     elif "://" not in uri:  # a bare folder
         uri = str(Path(uri).resolve())
     return uri
+
+
+def tracking_source(cfg: TrackingConfig) -> str:
+    """Where the tracking URI of ``cfg`` comes from, for messages."""
+    if cfg.uri:
+        return "tracking.uri"
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return "the environment variable MLFLOW_TRACKING_URI"
+    return f"the default: tracking.default_db '{cfg.default_db}' in the launch folder"
+
+
+def describe_store(uri: str, source: str) -> str:
+    """``<uri> (the tracking store from <source>)``, without credentials; says when its SQLite file is absent."""
+    absent = "; it does not exist: nothing was ever tracked there" if missing_store(uri) else ""
+    return f"{safe_uri(uri)} (the tracking store from {source}{absent})"
 
 
 def safe_uri(uri: str) -> str:
@@ -139,7 +157,10 @@ def existing_run(cfg: TrackingConfig, run_name: str) -> Optional[tuple[str, dict
     """``(run id, params)`` of the run a launch named ``run_name`` would continue, or None; creates nothing."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
+    uri = resolve_tracking_uri(cfg)
+    if missing_store(uri):  # MLflow would create an empty store to look in
+        return None
+    client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(cfg.experiment)
     runs = _named_runs(client, experiment.experiment_id, run_name) if experiment is not None else []
     return (runs[0].info.run_id, dict(runs[0].data.params)) if runs else None

@@ -109,6 +109,28 @@ def _product(location: str, tracking_uri: str) -> dict[str, Any]:
     return {name: path.read_bytes() for name, path in files.items()}
 
 
+def _resolve_model(cfg: EvalConfig, tracking_uri: str):
+    """The model's MLflow reference and its files; a model not found names the tracking store asked
+    and where that setting came from (and leaves no store behind)."""
+    from perceive_ir.data.storage import is_unreachable, missing_store
+    from perceive_ir.products.locations import URI_SCHEMES
+    from perceive_ir.registry.evaluation_tags import model_reference
+    from perceive_ir.tracking.mlflow_run import describe_store, tracking_source
+
+    where = describe_store(tracking_uri, tracking_source(cfg.tracking))
+    if cfg.model.startswith(URI_SCHEMES) and missing_store(tracking_uri):
+        raise FileNotFoundError(f"model '{cfg.model}' cannot be resolved in {where}")
+    try:
+        return model_reference(cfg.model, tracking_uri), _product(cfg.model, tracking_uri)
+    except Exception as err:  # noqa: BLE001 - MLflow raises several types; one line naming the store
+        if not cfg.model.startswith(URI_SCHEMES):
+            raise
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if is_unreachable(err):
+            raise ConnectionError(f"model '{cfg.model}': {where} does not answer: {message}") from None
+        raise FileNotFoundError(f"model '{cfg.model}' cannot be resolved in {where}: {message}") from None
+
+
 def _worker_class():
     import ray
 
@@ -220,7 +242,7 @@ def run_evaluation(cfg: EvalConfig, working_dir: Optional[Path] = None) -> Evalu
 
     from perceive_ir.orchestration.ray_runtime import connect
     from perceive_ir.tracking import RunTracker, find_or_create_run, resolve_tracking_uri, version_tags
-    from perceive_ir.registry.evaluation_tags import model_reference, tag_model_version
+    from perceive_ir.registry.evaluation_tags import tag_model_version
 
     if not cfg.model:
         raise ValueError("no model to evaluate: set model=<runs:/<id>/restorer | models:/<name>/<n> | folder>")
@@ -229,8 +251,7 @@ def run_evaluation(cfg: EvalConfig, working_dir: Optional[Path] = None) -> Evalu
     for note in notes:
         log.warning("%s", note)
     tracking_uri = resolve_tracking_uri(cfg.tracking)
-    ref = model_reference(cfg.model, tracking_uri)
-    product = _product(cfg.model, tracking_uri)
+    ref, product = _resolve_model(cfg, tracking_uri)
     connect(cfg.ray, working_dir)
     start = time.perf_counter()
     workers = start_workers(cfg, product)

@@ -4,7 +4,8 @@
     perceive-registry show perceive-ir-restorer 3
     perceive-registry promote perceive-ir-restorer 3 --suite configs/eval/paper.yaml [--metric psnr_out --margin 0.05]
 
-Tracking URI: ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``.
+Tracking URI: ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///runs/mlflow.db`` (the
+default store of every job, in the folder they are launched from).
 ``promote`` exits with 1 and the reason when a gate refuses (see ``perceive_ir.workflows.promotion``).
 """
 
@@ -82,7 +83,9 @@ def show_version(uri: str, name: str, version: str) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     from mlflow.exceptions import MlflowException
 
+    from perceive_ir.data.storage import missing_store
     from perceive_ir.tracking import TrackingConfig, resolve_tracking_uri
+    from perceive_ir.tracking.mlflow_run import describe_store, tracking_source
 
     parser = argparse.ArgumentParser(prog="perceive-registry", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,7 +104,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     promote_cmd.add_argument("--no-evaluate", action="store_true", help="only reuse an existing evaluation")
     promote_cmd.add_argument("overrides", nargs="*", help="key=value settings of the suite (e.g. ray.num_workers=4)")
     args = parser.parse_args(argv)
-    uri = args.tracking_uri or resolve_tracking_uri(TrackingConfig())
+    uri = resolve_tracking_uri(TrackingConfig(uri=args.tracking_uri))
+    where = describe_store(uri, "--tracking-uri" if args.tracking_uri else tracking_source(TrackingConfig()))
+    if missing_store(uri):  # MLflow would create an empty store to look in
+        print(f"perceive-registry: no registered models: {where}", file=sys.stderr)
+        return 2
     try:
         if args.command == "list":
             print(list_versions(uri))
@@ -118,7 +125,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"perceive-registry: promotion refused: {err}", file=sys.stderr)
         return 1
     except (MlflowException, FileNotFoundError, ValueError) as err:
-        print(f"perceive-registry: {err}", file=sys.stderr)
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"perceive-registry: {message} (looked in {where})", file=sys.stderr)
         return 2
     return 0
 
