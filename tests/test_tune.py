@@ -10,6 +10,7 @@ fails before Ray starts.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -303,3 +304,68 @@ def test_asha_of_a_relaunched_search_takes_in_the_trials_it_restores():
             asha.on_trial_add(None, trial)
         actions[cls] = asha.on_trial_result(None, bad, {"step": 2, "objective": 4.0})
     assert actions == {ASHAScheduler: TrialScheduler.CONTINUE, RestorableASHA: TrialScheduler.STOP}
+
+
+def test_relative_paths_of_a_search_resolve_against_the_launch_folder_for_every_trial(
+        package_photos, perceiver, tmp_path, monkeypatch):
+    """As a stage job's: the trials, started in the repository's copy, get the launch folder's paths;
+    and each space key's extreme values are checked in a trial config before Ray starts."""
+    import ray
+
+    from perceive_ir.orchestration.preflight import PreflightError
+    from perceive_ir.search.preflight import preflight_search
+
+    build_tiny_shards(package_photos, str(tmp_path / "runs" / "shards"))
+    config = write_search(tmp_path, "runs/shards", perceiver, {"path": "runs/ray"},
+                          base=str(REPO / "configs/stage2_tiny.yaml"), space={"optimizer.lr": {"grid": [1e-3]}})
+    monkeypatch.chdir(tmp_path)
+    plan = plan_search(config)
+    preflight_search(plan, working_dir=REPO)
+    trial = plan.trial_config({"optimizer.lr": 1e-3}, "trial-1", plan.base.storage.path + "/train")
+    assert trial.data.train.sources[0].location == str(tmp_path / "runs" / "shards")
+    assert plan.base.storage.path == str(tmp_path / "runs" / "ray")
+    assert trial.storage.path == str(tmp_path / "runs" / "ray" / "train")
+
+    bad = write_search(tmp_path, "runs/shards", perceiver, {"path": "runs/ray"},
+                       base=str(REPO / "configs/stage2_tiny.yaml"),
+                       space={"engine.deepspeed_config": {"choice": ["configs/deepspeed/zero1.json",
+                                                                     "configs/deepspeed/none.json"]}})
+    with pytest.raises(PreflightError, match=r"'engine.deepspeed_config': in a trial with search space "
+                                             r"'engine.deepspeed_config' = 'configs/deepspeed/none.json': .*does not exist"):
+        preflight_search(plan_search(bad), working_dir=REPO)
+    assert not ray.is_initialized()
+
+
+def test_a_search_whose_trials_all_fail_says_why_and_fails(package_photos, perceiver, tmp_path, monkeypatch, capsys):
+    """The shards are gone after the pre-flight, so only the trials see it: the search ends FAILED, its
+    MLflow run says why, and the job exits 1 naming the error and how many trials it hit."""
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.syspath_prepend(str(REPO / "jobs"))
+    import tune
+    from perceive_ir.search.preflight import preflight_search
+    from perceive_ir.search.runner import run_search
+
+    shards = tmp_path / "shards"
+    build_tiny_shards(package_photos, str(shards))
+    config = write_search(tmp_path, str(shards), perceiver, {"path": str(tmp_path / "ray")},
+                          space={"optimizer.lr": {"grid": [1e-3, 1e-2]}})
+    monkeypatch.chdir(REPO)
+    plan = plan_search(config)
+    preflight_search(plan, working_dir=REPO)
+    shutil.rmtree(shards)
+    try:
+        result = run_search(plan, REPO)
+    finally:
+        ray.shutdown()
+    assert result.outcome.completed == 0 and result.outcome.errored == 2, result.outcome
+    (line,) = result.outcome.error_lines()
+    assert line.startswith("2 trials: ") and "no shard manifest" in line and str(shards) in line, line
+    assert result.registered is None
+    parent = MlflowClient(tracking_uri=result.tracking_uri).get_run(result.parent_run_id)
+    assert parent.info.status == "FAILED"
+    assert "no shard manifest" in parent.data.tags["search.errors"] and parent.data.tags["search.trials_errored"] == "2"
+    assert tune.report(plan, result) == 1
+    err = capsys.readouterr().err
+    assert "no trial completed (2 errored)" in err and "no shard manifest" in err and "ended FAILED" in err

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from perceive_ir.config import ConfigError, flatten, load_config, to_dict
-from perceive_ir.orchestration.config import Stage2Config
+from perceive_ir.orchestration.config import Stage2Config, set_setting
 from perceive_ir.search.space import Distribution, parse_space, value_overrides, yaml_value
 
 __all__ = ["MetricConfig", "SchedulerConfig", "SearchAlgorithmConfig", "SearchConfig", "SearchPlan", "plan_search", "make_plan",
@@ -73,6 +73,9 @@ class SearchPlan:
     where: str
     base: Stage2Config
     distributions: list[Distribution]
+    # local paths of the base and its overrides, resolved against the launch folder by the pre-flight
+    # (:func:`perceive_ir.search.preflight.preflight_search`); every trial config takes them
+    resolved_paths: dict[str, str] = field(default_factory=dict)
 
     @property
     def keys(self) -> list[str]:
@@ -89,7 +92,10 @@ class SearchPlan:
         overrides = stage2_overrides(self.cfg) + value_overrides(values, to_dict(self.base)) + [
             f"name={trial_name}", f"storage.path={storage_path}", "tracking.register_as=null",
             f"loop.checkpoint_every={self.base.loop.val_every}", "loop.stop_after_steps=null"]
-        return load_config(Stage2Config, self.cfg.base, overrides)
+        trial = load_config(Stage2Config, self.cfg.base, overrides)
+        for key, value in self.resolved_paths.items():
+            set_setting(trial, key, value)
+        return trial
 
 
 def stage2_overrides(cfg: SearchConfig) -> list[str]:

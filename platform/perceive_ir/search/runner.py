@@ -16,6 +16,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from perceive_ir.config import ConfigError, to_dict
 from perceive_ir.search.config import SearchPlan
+from perceive_ir.search.outcome import SearchOutcome
 from perceive_ir.search.space import to_tune_space
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class SearchResult:
     registered: Optional[dict[str, str]]
     resumed: bool
     fit_s: float  # wall time of Tune's fit: the trials, without the record and the registration after it
+    outcome: SearchOutcome  # trials completed, and the errors of those that failed
 
 
 def run_search(plan: SearchPlan, repo: Path) -> SearchResult:
@@ -147,7 +149,7 @@ def run_search(plan: SearchPlan, repo: Path) -> SearchResult:
     tracking_uri, parent_run_id, created = open_parent_run(plan)
     tracker = RunTracker(tracking_uri, parent_run_id)
     context: dict[str, Any] = {"search": to_dict(cfg), "where": plan.where, "repo": str(repo),
-                               "parent_run_id": parent_run_id,
+                               "parent_run_id": parent_run_id, "resolved_paths": dict(plan.resolved_paths),
                                "train_storage": f"{base.storage.path.rstrip('/')}/{cfg.name}/train"}
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources.driver_bundle())
     experiment = f"{storage_path}/{cfg.name}"
@@ -168,7 +170,8 @@ def run_search(plan: SearchPlan, repo: Path) -> SearchResult:
                                       verbose=1))
     start = time.perf_counter()
     try:
-        ran = len(tuner.fit())
+        grid = tuner.fit()
+        ran = len(grid)
         fit_s = time.perf_counter() - start
     except Exception:
         tracker.finish("FAILED")
@@ -183,7 +186,13 @@ def run_search(plan: SearchPlan, repo: Path) -> SearchResult:
 
     client = MlflowClient(tracking_uri=tracking_uri)
     records = trial_records(client, plan, parent_run_id)
-    log_results(tracker, plan, records)
+    outcome = SearchOutcome.of(sum(r.status == "completed" for r in records),
+                               [result.error for result in grid if result.error is not None])
+    log_results(tracker, plan, records, outcome)
+    if outcome.completed == 0:
+        log.error("%s: no trial completed; %s", cfg.name, "; ".join(outcome.error_lines()) or "no trial error recorded")
+        tracker.finish("FAILED")
+        return SearchResult(parent_run_id, tracking_uri, records, None, resumed, fit_s, outcome)
     registered = register_best(tracker, plan, records)
     tracker.finish("FINISHED")
-    return SearchResult(parent_run_id, tracking_uri, records, registered, resumed, fit_s)
+    return SearchResult(parent_run_id, tracking_uri, records, registered, resumed, fit_s, outcome)

@@ -14,6 +14,7 @@ from ray.tune import Callback
 
 from perceive_ir.config import flatten
 from perceive_ir.search.config import QUALITY_METRIC, SearchPlan
+from perceive_ir.search.outcome import SearchOutcome
 from perceive_ir.search.report import TrialRecord, write_plot, write_table
 from perceive_ir.search.trainable import SEARCH_TAGS, objective_of, trial_run_name
 from perceive_ir.tracking import RUN_NAME_TAG, RunTracker, find_or_create_run, version_tags
@@ -111,11 +112,14 @@ def _best(records: list[TrialRecord]) -> Optional[TrialRecord]:
                 None)
 
 
-def log_results(tracker: RunTracker, plan: SearchPlan, records: list[TrialRecord]) -> None:
+def log_results(tracker: RunTracker, plan: SearchPlan, records: list[TrialRecord],
+                outcome: Optional[SearchOutcome] = None) -> None:
     label = plan.cfg.metric.name + (f" + {plan.cfg.metric.quality_weight} x quality" if plan.cfg.metric.quality_weight
                                     else "")
     with tempfile.TemporaryDirectory(prefix="search-") as folder:
         csv_path, md_path = write_table(records, plan.keys, Path(folder))
+        if outcome is not None and outcome.errors:
+            md_path.write_text(md_path.read_text() + outcome.markdown())
         plot = write_plot(records, plan.keys, {d.key for d in plan.distributions if d.is_log}, label, Path(folder))
         for path in (csv_path, md_path, plot):
             tracker.log_file(path, "search")
@@ -126,20 +130,25 @@ def log_results(tracker: RunTracker, plan: SearchPlan, records: list[TrialRecord
     counts = {s: sum(r.status == s for r in records) for s in ("completed", "early-stopped", "failed", "running")}
     for status, count in counts.items():
         tracker.client.set_tag(tracker.run_id, f"search.trials_{status.replace('-', '_')}", str(count))
+    if outcome is not None:
+        tracker.client.set_tag(tracker.run_id, "search.trials_errored", str(outcome.errored))
+        if outcome.errors:  # MLflow tags hold up to 8000 characters
+            tracker.client.set_tag(tracker.run_id, "search.errors", "\n".join(outcome.error_lines())[:8000])
 
 
 def register_best(tracker: RunTracker, plan: SearchPlan, records: list[TrialRecord]) -> Optional[dict[str, str]]:
-    """Register the best completed trial's restorer (once per search) with the search's lineage as tags."""
+    """Register the best completed trial's restorer (once per search) with the search's lineage as tags;
+    returns its URIs, also when an earlier launch of the search registered it."""
     from mlflow.tracking import MlflowClient
 
-    from perceive_ir.orchestration.trainer import register_products
+    from perceive_ir.orchestration.trainer import PRODUCTS, register_products
 
     best = _best(records)
     if best is None or not plan.cfg.register_as:
         return None
     parent_tags = tracker.client.get_run(tracker.run_id).data.tags
-    if parent_tags.get(BEST_TAG, "").startswith(best.run_id + " "):
-        return None  # registered by an earlier launch of this search
+    if parent_tags.get(BEST_TAG, "").startswith(best.run_id + " "):  # registered by an earlier launch
+        return dict(zip(PRODUCTS["stage2"], parent_tags[BEST_TAG].split()[1:]))
     trial_cfg = plan.trial_config(best.values, trial_run_name(plan.cfg.name, best.trial_id), plan.base.storage.path)
     trial_cfg.tracking.register_as = plan.cfg.register_as
     uris = register_products("stage2", trial_cfg, RunTracker(tracker.uri, best.run_id), search_run=tracker.run_id)

@@ -1,0 +1,39 @@
+"""The search's pre-flight, on the driver before Ray starts: the base stage-2 config's local paths are
+resolved against the launch folder exactly as a stage job's are (and handed to every trial), then a
+trial config is checked at each space key's extreme values."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Optional
+
+from perceive_ir.orchestration.config import path_settings
+from perceive_ir.orchestration.preflight import PreflightError, preflight
+from perceive_ir.search.config import SearchPlan
+
+__all__ = ["preflight_search"]
+
+_PROBE_NAME = "preflight-probe"
+
+
+def preflight_search(plan: SearchPlan, working_dir: Optional[Path], launch_dir: Optional[Path] = None) -> None:
+    """Check the base config (tracking store, stage-1 products, shards, storage) and a trial config at
+    every extreme value of the space; ``plan.base`` becomes the resolved base and ``plan.resolved_paths``
+what every trial config takes from it. Raises :class:`PreflightError`."""
+    base = copy.deepcopy(plan.base)
+    preflight("stage2", base, working_dir=working_dir, launch_dir=launch_dir, check_relaunch=False)
+    before = path_settings(plan.base)
+    # a trial's storage.path is its own folder under the search's, derived from the resolved base
+    plan.resolved_paths = {key: value for key, value in path_settings(base).items()
+                           if before.get(key) != value and key != "storage.path"}
+    plan.base = base
+    for dist in plan.distributions:
+        for value in dist.probe_values():
+            trial = plan.trial_config({dist.key: value}, _PROBE_NAME, base.storage.path)
+            try:  # the store and the MLflow products were checked with the base
+                preflight("stage2", trial, working_dir=working_dir, launch_dir=launch_dir, check_tracking=False,
+                          check_relaunch=False)
+            except PreflightError as err:
+                raise PreflightError(err.setting, f"in a trial with search space '{dist.key}' = {value!r}: "
+                                     f"{str(err).split(': ', 1)[-1]}", err.exit_code == 1) from None
