@@ -315,9 +315,16 @@ def test_relative_paths_of_a_search_resolve_against_the_launch_folder_for_every_
     from perceive_ir.orchestration.preflight import PreflightError
     from perceive_ir.search.preflight import preflight_search
 
+    def with_repository_files(path: Path) -> Path:  # the DeepSpeed config stays the repository's
+        search = yaml.safe_load(path.read_text())
+        search["stage2"]["engine"] = {"deepspeed_config": str(REPO / "configs/deepspeed/zero1.json")}
+        path.write_text(yaml.safe_dump(search))
+        return path
+
     build_tiny_shards(package_photos, str(tmp_path / "runs" / "shards"))
-    config = write_search(tmp_path, "runs/shards", perceiver, {"path": "runs/ray"},
-                          base=str(REPO / "configs/stage2_tiny.yaml"), space={"optimizer.lr": {"grid": [1e-3]}})
+    config = with_repository_files(write_search(tmp_path, "runs/shards", perceiver, {"path": "runs/ray"},
+                                                base=str(REPO / "configs/stage2_tiny.yaml"),
+                                                space={"optimizer.lr": {"grid": [1e-3]}}))
     monkeypatch.chdir(tmp_path)
     plan = plan_search(config)
     preflight_search(plan, working_dir=REPO)
@@ -325,13 +332,14 @@ def test_relative_paths_of_a_search_resolve_against_the_launch_folder_for_every_
     assert trial.data.train.sources[0].location == str(tmp_path / "runs" / "shards")
     assert plan.base.storage.path == str(tmp_path / "runs" / "ray")
     assert trial.storage.path == str(tmp_path / "runs" / "ray" / "train")
+    assert trial.tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
-    bad = write_search(tmp_path, "runs/shards", perceiver, {"path": "runs/ray"},
-                       base=str(REPO / "configs/stage2_tiny.yaml"),
-                       space={"engine.deepspeed_config": {"choice": ["configs/deepspeed/zero1.json",
-                                                                     "configs/deepspeed/none.json"]}})
-    with pytest.raises(PreflightError, match=r"'engine.deepspeed_config': in a trial with search space "
-                                             r"'engine.deepspeed_config' = 'configs/deepspeed/none.json': .*does not exist"):
+    missing = REPO / "configs/deepspeed/none.json"
+    bad = with_repository_files(write_search(
+        tmp_path, "runs/shards", perceiver, {"path": "runs/ray"}, base=str(REPO / "configs/stage2_tiny.yaml"),
+        space={"engine.deepspeed_config": {"choice": [str(REPO / "configs/deepspeed/zero1.json"), str(missing)]}}))
+    with pytest.raises(PreflightError, match=rf"'engine.deepspeed_config': in a trial with search space "
+                                             rf"'engine.deepspeed_config' = '{missing}': .*does not exist"):
         preflight_search(plan_search(bad), working_dir=REPO)
     assert not ray.is_initialized()
 

@@ -73,9 +73,9 @@ class SearchPlan:
     where: str
     base: Stage2Config
     distributions: list[Distribution]
-    # local paths of the base and its overrides, resolved against the launch folder by the pre-flight
-    # (:func:`perceive_ir.search.preflight.preflight_search`); every trial config takes them
-    resolved_paths: dict[str, str] = field(default_factory=dict)
+    # local paths of the base and its overrides and its tracking store, resolved against the launch folder
+    # by the pre-flight (:func:`perceive_ir.search.preflight.preflight_search`); every trial config takes them
+    resolved_settings: dict[str, str] = field(default_factory=dict)
 
     @property
     def keys(self) -> list[str]:
@@ -93,7 +93,7 @@ class SearchPlan:
             f"name={trial_name}", f"storage.path={storage_path}", "tracking.register_as=null",
             f"loop.checkpoint_every={self.base.loop.val_every}", "loop.stop_after_steps=null"]
         trial = load_config(Stage2Config, self.cfg.base, overrides)
-        for key, value in self.resolved_paths.items():
+        for key, value in self.resolved_settings.items():
             set_setting(trial, key, value)
         return trial
 

@@ -1,6 +1,6 @@
-"""The search's pre-flight, on the driver before Ray starts: the base stage-2 config's local paths are
-resolved against the launch folder exactly as a stage job's are (and handed to every trial), then a
-trial config is checked at each space key's extreme values."""
+"""The search's pre-flight, on the driver before Ray starts: the base stage-2 config's local paths and
+its tracking store are resolved against the launch folder exactly as a stage job's are (and handed to
+every trial), then a trial config is checked at each space key's extreme values."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Optional
 from perceive_ir.orchestration.config import path_settings
 from perceive_ir.orchestration.preflight import PreflightError, preflight
 from perceive_ir.search.config import SearchPlan
+from perceive_ir.tracking import resolve_tracking_uri
 
 __all__ = ["preflight_search"]
 
@@ -19,14 +20,17 @@ _PROBE_NAME = "preflight-probe"
 
 def preflight_search(plan: SearchPlan, working_dir: Optional[Path], launch_dir: Optional[Path] = None) -> None:
     """Check the base config (tracking store, stage-1 products, shards, storage) and a trial config at
-    every extreme value of the space; ``plan.base`` becomes the resolved base and ``plan.resolved_paths``
+    every extreme value of the space; ``plan.base`` becomes the resolved base and ``plan.resolved_settings``
 what every trial config takes from it. Raises :class:`PreflightError`."""
     base = copy.deepcopy(plan.base)
     preflight("stage2", base, working_dir=working_dir, launch_dir=launch_dir, check_relaunch=False)
     before = path_settings(plan.base)
     # a trial's storage.path is its own folder under the search's, derived from the resolved base
-    plan.resolved_paths = {key: value for key, value in path_settings(base).items()
-                           if before.get(key) != value and key != "storage.path"}
+    plan.resolved_settings = {key: value for key, value in path_settings(base).items()
+                              if before.get(key) != value and key != "storage.path"}
+    # the store as the driver sees it (a default store is relative to the launch folder, and trials run
+    # elsewhere; MLFLOW_TRACKING_URI is not passed to them)
+    base.tracking.uri = plan.resolved_settings["tracking.uri"] = resolve_tracking_uri(base.tracking)
     plan.base = base
     for dist in plan.distributions:
         for value in dist.probe_values():

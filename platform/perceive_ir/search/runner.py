@@ -149,7 +149,7 @@ def run_search(plan: SearchPlan, repo: Path) -> SearchResult:
     tracking_uri, parent_run_id, created = open_parent_run(plan)
     tracker = RunTracker(tracking_uri, parent_run_id)
     context: dict[str, Any] = {"search": to_dict(cfg), "where": plan.where, "repo": str(repo),
-                               "parent_run_id": parent_run_id, "resolved_paths": dict(plan.resolved_paths),
+                               "parent_run_id": parent_run_id, "resolved_settings": dict(plan.resolved_settings),
                                "train_storage": f"{base.storage.path.rstrip('/')}/{cfg.name}/train"}
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources.driver_bundle())
     experiment = f"{storage_path}/{cfg.name}"

@@ -127,7 +127,7 @@ def run_trial(values: dict[str, Any], context: dict[str, Any]) -> None:
     os.chdir(root)  # Tune starts trials in their own folder; the configs' relative paths need the repository's
     cfg = from_dict(SearchConfig, context["search"], context["where"])
     plan = make_plan(cfg, context["where"])
-    plan.resolved_paths = dict(context.get("resolved_paths") or {})
+    plan.resolved_settings = dict(context.get("resolved_settings") or {})
     name = trial_run_name(cfg.name, ray.tune.get_context().get_trial_id())
     trial_cfg = plan.trial_config(values, name, context["train_storage"])
     tracking_uri = resolve_tracking_uri(trial_cfg.tracking)
