@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 
@@ -109,3 +110,100 @@ def test_rayjob_entrypoints_name_files_of_this_repository():
         script = REPO / words[words.index("python") + 1]
         config = REPO / words[words.index("--config") + 1]
         assert script.is_file() and config.is_file(), f"{path}: {script} or {config} is missing"
+
+
+RAY_DOCS = [(path, doc) for path, doc in documents() if doc["kind"] in ("RayCluster", "RayJob")]
+
+
+@pytest.mark.parametrize("path, doc", RAY_DOCS, ids=lambda v: str(v) if isinstance(v, Path) else "")
+def test_the_kuberay_controller_accepts_the_manifest(path, doc):
+    """Beyond the CRD schema: the rules KubeRay's controller checks before it acts (tests/kuberay_rules.py)."""
+    from kuberay_rules import violations
+
+    assert violations(doc) == [], path
+
+
+def _rule_ids():
+    from kuberay_rules import RULES
+
+    return [rule.name for rule in RULES]
+
+
+@pytest.mark.parametrize("rule_name", _rule_ids())
+def test_a_planted_violation_of_each_controller_rule_is_caught(rule_name):
+    from kuberay_rules import RULES, violations
+
+    rule = next(r for r in RULES if r.name == rule_name)
+    doc = copy.deepcopy(next(d for _, d in RAY_DOCS if d["kind"] == rule.kinds[0]))
+    assert rule.check(doc) is None
+    rule.plant(doc)
+    assert rule.check(doc), f"{rule.name}: the planted violation passed"
+    assert any(v.startswith(rule.name) for v in violations(doc))
+
+
+def _settings(node, where=""):
+    """Every (key, value) a container or library reads: env entries, ConfigMap data, rayStartParams."""
+    if isinstance(node, dict):
+        if isinstance(node.get("env"), list):
+            for entry in node["env"]:
+                if "value" in entry:
+                    yield f"{where}.env.{entry['name']}", entry["value"]
+        for key in ("data", "rayStartParams"):
+            if isinstance(node.get(key), dict):
+                yield from ((f"{where}.{key}.{k}", v) for k, v in node[key].items())
+        for key, value in node.items():
+            yield from _settings(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _settings(value, f"{where}[{i}]")
+
+
+def test_no_setting_is_an_empty_string():
+    """An empty value is not 'unset': boto3 takes MLFLOW_S3_ENDPOINT_URL="" as an endpoint and fails."""
+    empty = [f"{path}: {key}" for path, doc in documents() for key, value in _settings(doc) if value == ""]
+    assert empty == []
+
+
+def test_the_mlflow_server_of_the_manifest_answers_requests_addressed_to_its_service(tmp_path):
+    """The manifest's own server command (its store and bucket swapped for local ones) answers an API
+    request whose Host is the Service's name, as every Ray pod sends it, and refuses an unknown Host."""
+    import shlex
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    from conftest import _free_port
+
+    deployment = next(d for _, d in documents() if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    service = next(d for _, d in documents() if d["kind"] == "Service" and d["metadata"]["name"] == "mlflow")
+    words = shlex.split(container["args"][0])
+    assert words[:3] == ["exec", "mlflow", "server"]
+    options = dict(zip(words[3::2], words[4::2]))
+    port = _free_port()
+    options.update({"--backend-store-uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                    "--artifacts-destination": str(tmp_path / "artifacts"), "--host": "127.0.0.1", "--port": str(port)})
+    command = [sys.executable, "-m", "mlflow", "server", *[w for pair in options.items() for w in pair]]
+    server = subprocess.Popen(command, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+    name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
+    service_port = service["spec"]["ports"][0]["port"]
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert time.time() < deadline and server.poll() is None, "the MLflow server did not start"
+                time.sleep(0.5)
+        for host in (f"{name}.{namespace}.svc:{service_port}", f"{name}:{service_port}",
+                     f"{name}.{namespace}.svc.cluster.local:{service_port}", f"localhost:{port}"):
+            assert requests.get(url, headers={"Host": host}, timeout=10).status_code == 200, host
+        assert requests.get(url, headers={"Host": "attacker.example:5000"}, timeout=10).status_code == 403
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
