@@ -87,7 +87,7 @@ def main() -> None:
         "data": {"train": {"sources": [{"location": shards}], "patch_size": 32},
                  "validation": {"images": 2, "patch_size": 32, "types": ["gaussian_noise", "haze"]}},
         "loop": {"max_steps": args.steps, "val_every": args.val_every, "log_every": args.val_every},
-        "loss": {"l3": 0.1},  # every stage-2 term (the tiny profile leaves L_dpl off), as the README's figures
+        "loss": {"l3": 0.1},  # every stage-2 term (the tiny profile leaves L_dpl off), as the figures of docs/search.md
         "optimizer": {"warmup_steps": 0}, "ray": {"num_workers": 1, "health_check_interval_s": 0.1},
         "storage": {"path": str(root / "ray")},
         "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "bench-tune"},

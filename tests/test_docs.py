@@ -149,7 +149,8 @@ def after_quickstart(tmp_path_factory):
     copy = repository_copy(tmp_path_factory.mktemp("docs"))
     env = clean_environment()
     first = BLOCKS[0]
-    setup = [c for c in first.commands[0].split(" && ") if not c.startswith(("python3 -m venv", ".venv/bin/pip"))]
+    setup = [c for c in first.commands[0].split(" && ")  # the environment is this one
+             if not c.startswith(("python3 -m venv", ". .venv/bin/activate", "pip install"))]
     output = run(" && ".join(setup), copy, env, first.where)
     values = dict(m.groups() for line in output.splitlines() if (m := PLACEHOLDER_LINE.match(line)))
     assert set(values) >= {"<stage-1 run id>", "<stage-2 run id>"}, output[-3000:]
@@ -170,8 +171,8 @@ def test_the_documented_commands_run_as_printed(block, after_quickstart):
 def test_every_command_of_the_readme_tour_is_a_documented_block():
     """The README names one command per job inline; each is a block of some page (run, or skipped with
     its reason), so none of them escapes this test."""
-    def bare(command: str) -> str:  # without a trailing comment, with the environment's python
-        return re.sub(r"\s+#.*$", "", command).replace(".venv/bin/python ", "python ")
+    def bare(command: str) -> str:  # without a trailing comment
+        return re.sub(r"\s+#.*$", "", command)
 
     tour = re.findall(r"`((?:python|perceive-[a-z]+|bash|kubectl) [^`]+)`", (REPO / "README.md").read_text())
     documented = {bare(part) for block in BLOCKS for command in block.commands for part in command.split(" && ")}

@@ -1,6 +1,7 @@
-"""No leaks: the README's stand-alone stage commands, run as printed from a launch folder (a stage-1
-job killed with SIGKILL, launched again, then stage 2 on its products through MLflow), leave the
-temporary folder and the process table as they found them; products are downloaded once per node."""
+"""No leaks: the documented stand-alone stage commands (docs/training.md), run as printed from a launch
+folder (a stage-1 job killed with SIGKILL, launched again, then stage 2 on its products through MLflow),
+leave the temporary folder and the process table as they found them; products are downloaded once per
+node."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 SMALL = ["data.validation.images=2", "data.validation.types=[haze]", "data.validation.patch_size=32",
          "data.train.samples_per_epoch=16", "data.train.patch_size=32", "loop.log_every=1"]
-STAGE1 = ["python", "jobs/stage1.py", "--config", "configs/stage1_tiny.yaml"]  # as the README prints them
+STAGE1 = ["python", "jobs/stage1.py", "--config", "configs/stage1_tiny.yaml"]  # as docs/training.md prints them
 STAGE2 = ["python", "jobs/stage2.py", "--config", "configs/stage2_tiny.yaml"]
 
 

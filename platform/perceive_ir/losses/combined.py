@@ -55,7 +55,7 @@ class LossConfig:
     l3: float = 0.1  # difficulty-adaptive perceptual
     # Not in the paper: L_id = |R(clean) - clean| on a share of the batch's clean images, weighted by
     # ``identity``. It teaches a small restorer to leave an image that needs no restoration alone
-    # (see the README's evaluation section); 0 leaves the objective as published.
+    # (see docs/training.md, the quickstart pipeline); 0 leaves the objective as published.
     identity: float = 0.0
     identity_share: float = 0.25
     reconstruction: ComponentSpec = dataclasses.field(default_factory=lambda: ComponentSpec("l1"))

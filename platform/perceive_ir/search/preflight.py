@@ -20,8 +20,8 @@ _PROBE_NAME = "preflight-probe"
 
 def preflight_search(plan: SearchPlan, working_dir: Optional[Path], launch_dir: Optional[Path] = None) -> None:
     """Check the base config (tracking store, stage-1 products, shards, storage) and a trial config at
-    every extreme value of the space; ``plan.base`` becomes the resolved base and ``plan.resolved_settings``
-what every trial config takes from it. Raises :class:`PreflightError`."""
+    every extreme value of the space. ``plan.base`` becomes the resolved base, and
+    ``plan.resolved_settings`` what every trial config takes from it. Raises :class:`PreflightError`."""
     base = copy.deepcopy(plan.base)
     preflight("stage2", base, working_dir=working_dir, launch_dir=launch_dir, check_relaunch=False)
     before = path_settings(plan.base)
