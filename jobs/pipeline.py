@@ -60,6 +60,7 @@ class PipelineConfig:
     stage2_config: str = "configs/stage2_tiny.yaml"
     run_prefix: str = "quickstart"  # run names: <prefix>-stage1, <prefix>-stage2 (a rerun continues them)
     train_overrides: list[str] = field(default_factory=list)  # key=value for both stage configs
+    stage1_overrides: list[str] = field(default_factory=list)  # key=value for the stage-1 config only
     stage2_overrides: list[str] = field(default_factory=list)  # key=value for the stage-2 config only
     evaluate: bool = True  # score the stage-2 restorer on the evaluation suite after training
     eval_config: str = "configs/eval/quickstart.yaml"
@@ -140,7 +141,8 @@ def train(cfg: PipelineConfig, shards: str) -> None:
 
     shards = str(Path(shards).resolve()) if "://" not in shards else shards
     start = time.perf_counter()
-    stage1_cfg = load_config(Stage1Config, REPO / cfg.stage1_config, _stage_overrides(cfg, shards, "stage1"))
+    stage1_cfg = load_config(Stage1Config, REPO / cfg.stage1_config,
+                             _stage_overrides(cfg, shards, "stage1") + list(cfg.stage1_overrides))
     stage1 = checked_launch("stage1", stage1_cfg)
     print(f"[4/5] stage 1: {stage1_cfg.loop.max_steps} steps on {stage1_cfg.ray.num_workers} Ray workers in "
           f"{time.perf_counter() - start:.0f} s; MLflow run {stage1.run_id} ({stage1.tracking_uri})")

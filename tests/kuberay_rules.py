@@ -149,7 +149,9 @@ def _token_auth(spec: dict) -> Optional[str]:
     if not version:
         return "authOptions.mode is 'token' but RayVersion was not specified. Ray version 2.52.0 or later is required"
     parts = tuple(int(p) for p in re.findall(r"\d+", version)[:3])
-    return None if parts >= (2, 52, 0) else f"authOptions.mode is 'token' but minimum Ray version is 2.52.0, got {version}"
+    if parts < (2, 52, 0):
+        return f"authOptions.mode is 'token' but minimum Ray version is 2.52.0, got {version}"
+    return None
 
 
 # --- metadata ------------------------------------------------------------------------------------------------

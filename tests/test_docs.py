@@ -1,7 +1,8 @@
 """Every command block of README.md and docs/*.md runs as printed, in order, after the README's first
 command (the quickstart), in a fresh copy of the repository and with no environment variable set.
 
-A block is a fenced ``bash`` block. One that needs what CI does not have (a cluster, a GPU, a bucket)
+A block is a fenced ``bash`` block; a job command in it runs with shorter training appended
+(``TINY_SIZES``). One that needs what CI does not have (a cluster, a GPU, a bucket)
 carries the line ``<!-- doc-test: skip: <reason> -->`` just above its fence and is reported as skipped
 with that reason. Placeholders (``<stage-1 run id>``, ...) are the only edits: the quickstart prints
 their values. A failing command fails its block's test, named by file and line.
@@ -32,6 +33,19 @@ SKIP_MARKER = re.compile(r"^<!--\s*doc-test:\s*skip:\s*(.+?)\s*-->$")
 PLACEHOLDER_LINE = re.compile(r"^\s*(<[^<>]+>) = (\S+)\s*$")
 PLACEHOLDER = re.compile(r"<[a-z][a-z0-9 -]*>")
 COMMAND_TIMEOUT_S = 1200
+# "At tiny sizes": what the test appends to a documented job command, which otherwise runs as printed
+# (shorter training; the documented sizes are the ones the docs' figures come from).
+TINY_SIZES = {
+    "jobs/pipeline.py": ["samples=64", "stage1_overrides=[restorer_steps=20,prompt_steps=10]",
+                         "stage2_overrides=[loop.max_steps=20]",
+                         "train_overrides=[loop.val_every=10,loop.checkpoint_every=10,data.validation.images=2]"],
+    "jobs/stage1.py": ["restorer_steps=20", "prompt_steps=10", "loop.val_every=10", "loop.checkpoint_every=10",
+                       "data.validation.images=2"],
+    "jobs/stage2.py": ["loop.max_steps=20", "loop.val_every=10", "loop.checkpoint_every=10",
+                       "data.validation.images=2"],
+    "jobs/tune.py": ["num_trials=2", "stage2.loop.max_steps=40", "stage2.loop.val_every=10",
+                     "scheduler.grace_period=10", "stage2.data.validation.images=2"],
+}
 
 
 @dataclass
@@ -105,6 +119,14 @@ def fill(command: str, values: dict[str, str], where: str) -> str:
     return filled
 
 
+def at_tiny_size(command: str) -> str:
+    words = command.split()
+    for script, extra in TINY_SIZES.items():
+        if script in words[:2]:
+            return " ".join([command, *map(shlex.quote, extra)])
+    return command
+
+
 def repository_copy(root: Path) -> Path:
     """The repository's files as a fresh clone holds them (tracked and new, never ignored ones), beside
     a link to the shared datasets; the environment's Python as its ``.venv``."""
@@ -151,7 +173,7 @@ def after_quickstart(tmp_path_factory):
     first = BLOCKS[0]
     setup = [c for c in first.commands[0].split(" && ")  # the environment is this one
              if not c.startswith(("python3 -m venv", ". .venv/bin/activate", "pip install"))]
-    output = run(" && ".join(setup), copy, env, first.where)
+    output = run(at_tiny_size(" && ".join(setup)), copy, env, first.where)
     values = dict(m.groups() for line in output.splitlines() if (m := PLACEHOLDER_LINE.match(line)))
     assert set(values) >= {"<stage-1 run id>", "<stage-2 run id>"}, output[-3000:]
     assert not (copy / "mlflow.db").exists()
@@ -164,7 +186,7 @@ def test_the_documented_commands_run_as_printed(block, after_quickstart):
         pytest.skip(f"{block.where}: {block.skip}")
     copy, env, values = after_quickstart
     for command in block.commands:
-        run(fill(command, values, block.where), copy, env, block.where)
+        run(at_tiny_size(fill(command, values, block.where)), copy, env, block.where)
     assert not (copy / "mlflow.db").exists(), f"{block.where} left an MLflow store in the repository's root"
 
 

@@ -131,7 +131,8 @@ def test_a_planted_upward_import_is_found_and_named(tmp_path):
     copy = tmp_path / "perceive_ir"
     shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
     planted = copy / "data" / "storage.py"
-    planted.write_text(planted.read_text() + "\n\ndef _late():\n    from perceive_ir.orchestration.trainer import launch\n"
+    planted.write_text(planted.read_text() + "\n\ndef _late():\n"
+                       "    from perceive_ir.orchestration.trainer import launch\n"
                        "    from perceive_ir.eval.items import _hidden\n")
     found = layer_violations(copy, REPO / "platform" / "layers.yaml")
     assert any("data/storage.py" in f and "imports perceive_ir.orchestration.trainer" in f and ": up" in f

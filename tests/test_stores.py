@@ -49,7 +49,8 @@ def test_the_evaluation_of_a_run_in_an_absent_default_store_names_it_and_creates
     suite = small_suite(launch_folder)
     assert evaluate.main(["--config", str(suite), f"model=runs:/{BOGUS_RUN}/restorer"]) == 2
     err = capsys.readouterr().err
-    assert f"sqlite:///{launch_folder / 'runs' / 'mlflow.db'}" in err and DEFAULT in err and "does not exist" in err, err
+    default_store = f"sqlite:///{launch_folder / 'runs' / 'mlflow.db'}"
+    assert default_store in err and DEFAULT in err and "does not exist" in err, err
     assert stores_in(launch_folder) == [] and stores_in(REPO) == []
 
 
