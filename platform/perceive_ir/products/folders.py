@@ -33,8 +33,10 @@ __all__ = [
     "load_medium_tier",
     "save_perceiver",
     "load_perceiver",
+    "medium_tier_generator",
     "ensure_clip_weights",
 ]
+
 
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
