@@ -5,10 +5,12 @@ Examples:
   perceive-shards build s3://bucket/rain --clean norain/ --degraded rain/ --dataset rain100l \\
       --degradation rain --match rain100
   perceive-shards build --config configs/data/build_example.yaml workers=4
+  perceive-shards build --config configs/data/bsd400_wed.yaml --config configs/data/rain100l.yaml workers=8
   perceive-shards verify s3://bucket/rain --endpoint-url http://minio:9000
   perceive-shards inspect out/
 Settings after the options are ``key=value`` overrides of the build configuration
-(see dataset_tools/build.py: BuildConfig). Every subcommand takes the S3 endpoint as
+(see dataset_tools/build.py: BuildConfig); with several ``--config`` files the sets are built in
+order, each with the same overrides, and a finished set is confirmed, not rebuilt. Every subcommand takes the S3 endpoint as
 ``--endpoint-url URL`` (default: $AWS_ENDPOINT_URL) and other storage options as
 ``--option KEY=VALUE``. Exit codes: 0 done, 1 storage unreachable or verification failed,
 2 bad arguments or inputs.
@@ -34,11 +36,13 @@ from .inspect_shards import format_report, inspect
 from .verify import verify
 
 
-def _build_config(args: argparse.Namespace) -> BuildConfig:
+def _build_configs(args: argparse.Namespace) -> list[BuildConfig]:
     overrides = [p for p in args.positional if "=" in p]
     outputs = [p for p in args.positional if "=" not in p]
     if len(outputs) > 1:
         raise ConfigError(f"one output folder expected, got {outputs}")
+    if outputs and len(args.config or []) > 1:
+        raise ConfigError(f"an output folder ({outputs[0]}) with several --config files: each file names its own")
     if outputs:
         overrides.append(f"output={outputs[0]}")
     if args.clean:
@@ -46,17 +50,20 @@ def _build_config(args: argparse.Namespace) -> BuildConfig:
         if args.degraded:
             source.update(degraded=args.degraded, degradation=args.degradation, match=args.match)
         overrides.append("sources=" + json.dumps([source]))
-    elif args.config is None:
+    elif not args.config:
         raise ConfigError("give --config FILE or --clean FOLDER (with --dataset NAME)")
     if args.workers:
         overrides.append(f"workers={args.workers}")
-    cfg = load_config(BuildConfig, args.config, overrides)
     options = parse_overrides(args.option)
-    if options:  # for the output and every source, under the settings of the file
-        cfg.storage_options = {**options, **cfg.storage_options}
-        for source in cfg.sources:
-            source.storage_options = {**options, **source.storage_options}
-    return cfg
+    configs = []
+    for path in args.config or [None]:
+        cfg = load_config(BuildConfig, path, overrides)
+        if options:  # for the output and every source, under the settings of the file
+            cfg.storage_options = {**options, **cfg.storage_options}
+            for source in cfg.sources:
+                source.storage_options = {**options, **source.storage_options}
+        configs.append(cfg)
+    return configs
 
 
 def _storage_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="build shards from image folders")
     b.add_argument("positional", nargs="*", metavar="OUTPUT | key=value",
                    help="output folder URL (local path, file://, s3://, gs://), then key=value settings")
-    b.add_argument("--config", help="YAML build configuration")
+    b.add_argument("--config", action="append", help="YAML build configuration (repeatable: built in order)")
     b.add_argument("--clean", help="folder URL of clean images")
     b.add_argument("--degraded", help="folder URL of degraded images paired with --clean")
     b.add_argument("--dataset", help="dataset name recorded in every sample")
@@ -123,13 +130,14 @@ def _fail(command: str, err, code: int) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "build":
-        manifest = build_shards(_build_config(args))
-        print(f"{manifest.total_samples} samples in {len(manifest.shards)} shards "
-              f"({manifest.total_bytes:,} bytes); {len(manifest.skipped)} files skipped")
-        for entry in manifest.skipped[:20]:
-            print(f"  skipped {entry.source}: {entry.reason}")
-        if len(manifest.skipped) > 20:
-            print(f"  ... and {len(manifest.skipped) - 20} more (see manifest.json)")
+        for cfg in _build_configs(args):  # all parsed first: a wrong key in the last file fails before any build
+            manifest = build_shards(cfg)
+            print(f"{cfg.output}: {manifest.total_samples} samples in {len(manifest.shards)} shards "
+                  f"({manifest.total_bytes:,} bytes); {len(manifest.skipped)} files skipped")
+            for entry in manifest.skipped[:20]:
+                print(f"  skipped {entry.source}: {entry.reason}")
+            if len(manifest.skipped) > 20:
+                print(f"  ... and {len(manifest.skipped) - 20} more (see manifest.json)")
         return 0
     options = parse_overrides(args.option)
     if args.command == "verify":

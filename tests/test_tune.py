@@ -227,13 +227,21 @@ def test_a_bad_search_space_fails_before_ray_starts(tmp_path, perceiver):
 
 
 def test_trials_at_once_never_exceed_what_the_cluster_holds():
-    one_worker, two_workers = TrialResources(1, 0, 2**28), TrialResources(2, 0, 2**28)
+    one_worker, two_workers = TrialResources({"CPU": 1}, 2**28), TrialResources({"CPU": 2}, 2**28)
     assert concurrent_trials(2, 4, one_worker, {"CPU": 2.0}) == 2
     assert concurrent_trials(2, 4, two_workers, {"CPU": 2.0}) == 1
     assert concurrent_trials(8, 3, one_worker, {"CPU": 16.0}) == 3
-    assert concurrent_trials(4, 8, TrialResources(4, 4, 2**28), {"CPU": 64.0, "GPU": 8.0}) == 2
-    with pytest.raises(ConfigError, match="one trial needs 2 CPUs"):
+    four_gpus = TrialResources({"CPU": 4, "GPU": 4}, 2**28)
+    assert concurrent_trials(4, 8, four_gpus, {"CPU": 64.0, "GPU": 8.0}) == 2
+    with pytest.raises(ConfigError, match="one trial needs 2 CPU"):
         concurrent_trials(1, 1, two_workers, {"CPU": 1.0})
+    # an autoscaling cluster with no GPU node up yet: sized to what it can grow to, not refused
+    assert concurrent_trials(4, 32, four_gpus, {"CPU": 4.0}, {"CPU": 132.0, "GPU": 16.0}) == 4
+    with pytest.raises(ConfigError, match="one trial needs 4 CPU, 4 GPU"):
+        concurrent_trials(4, 32, four_gpus, {"CPU": 4.0})
+    # custom resources count too: one worker per node that offers one slot
+    slots = TrialResources({"CPU": 1, "rehearsal_gpu": 1}, 2**28)
+    assert concurrent_trials(4, 4, slots, {"CPU": 24.0, "rehearsal_gpu": 2.0}) == 2
     assert one_worker.driver_bundle() == {"CPU": 0, "memory": float(2**28)}
     assert asha_max_t(6, 2, 2) == 4 and asha_max_t(7, 2, 2) == 6
     with pytest.raises(ConfigError, match="grace_period 6"):

@@ -97,7 +97,8 @@ def register_products(stage: str, cfg: JobConfig, tracker: RunTracker, *, search
         tags = product_lineage(product, folder, run_tags, tracker.run_id, to_dict(cfg), shards, upstream,
                                         search_run) | dict(extra_tags or {})
         uris[product] = register_product(tracker.uri, tracker.run_id, folder,
-                                                  f"{cfg.tracking.register_as}-{product.replace('_', '-')}", tags)
+                                         f"{cfg.tracking.register_as}-{product.replace('_', '-')}", tags,
+                                         alias=cfg.tracking.register_alias)
         log.info("%s registered as %s", product, uris[product])
     return uris
 

@@ -63,9 +63,10 @@ def log_product_model(tracking_uri: str, run_id: str, name: str, folder: Path,
     return info.model_id
 
 
-def register_product(tracking_uri: str, run_id: str, folder: Path, model_name: str, tags: Mapping[str, str]) -> str:
+def register_product(tracking_uri: str, run_id: str, folder: Path, model_name: str, tags: Mapping[str, str],
+                     alias: Optional[str] = None) -> str:
     """Log the product folder as a model of the run and register it as a new version of ``model_name``
-    with ``tags``; returns ``models:/<name>/<version>``."""
+    with ``tags`` (and ``alias`` moved to it); returns ``models:/<name>/<version>``."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
@@ -82,6 +83,8 @@ def register_product(tracking_uri: str, run_id: str, folder: Path, model_name: s
     # the link the UI shows from the logged model to its registered versions
     client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([{"name": model_name,
                                                                                "version": version.version}])})
+    if alias:
+        client.set_registered_model_alias(model_name, alias, version.version)
     return f"models:/{model_name}/{version.version}"
 
 

@@ -51,6 +51,9 @@ class SearchConfig:
     metric: MetricConfig = field(default_factory=MetricConfig)
     num_trials: int = 4  # samples (each repeats every grid entry)
     concurrency: int = 2  # at most; lowered to what the cluster can run at once
+    # What an autoscaling cluster can grow to (e.g. {GPU: 16}: the GPU group's maxReplicas x GPUs per pod):
+    # trials at once are sized to it, not to the nodes up at launch. Empty: the cluster as it is.
+    cluster_capacity: dict[str, float] = field(default_factory=dict)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     search: SearchAlgorithmConfig = field(default_factory=SearchAlgorithmConfig)
     trial_driver_memory_mb: int = 256  # what the Tune function itself reserves (it holds no CPU)

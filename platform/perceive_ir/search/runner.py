@@ -29,11 +29,19 @@ LOST_TRIALS_TAG = "search.lost_trials"
 
 @dataclass(frozen=True)
 class TrialResources:
-    """What one trial holds: its Ray Train workers' resources; the Tune function itself only memory."""
+    """What one trial holds: its Ray Train workers' resources (all of them, custom ones included); the
+    Tune function itself only memory."""
 
-    cpus: float
-    gpus: float
+    workers: dict[str, float]
     driver_memory_bytes: int
+
+    @property
+    def cpus(self) -> float:
+        return self.workers.get("CPU", 0.0)
+
+    @property
+    def gpus(self) -> float:
+        return self.workers.get("GPU", 0.0)
 
     def driver_bundle(self) -> dict[str, float]:
         # Ray refuses an all-zero bundle; memory exists on every node, so no custom resource is needed.
@@ -42,22 +50,26 @@ class TrialResources:
 
 def trial_resources(plan: SearchPlan) -> TrialResources:
     ray_cfg = plan.base.ray
-    per_worker = dict(ray_cfg.resources_per_worker)
-    gpus = per_worker.get("GPU", 1.0 if ray_cfg.use_gpu else 0.0)
-    return TrialResources(ray_cfg.num_workers * per_worker.get("CPU", 1.0), ray_cfg.num_workers * gpus,
+    per_worker = {"CPU": 1.0, **ray_cfg.resources_per_worker}
+    if ray_cfg.use_gpu:
+        per_worker.setdefault("GPU", 1.0)
+    return TrialResources({k: ray_cfg.num_workers * v for k, v in per_worker.items() if v},
                           plan.cfg.trial_driver_memory_mb * 2**20)
 
 
-def concurrent_trials(requested: int, num_trials: int, trial: TrialResources, cluster: dict[str, float]) -> int:
+def concurrent_trials(requested: int, num_trials: int, trial: TrialResources, cluster: dict[str, float],
+                      capacity: Optional[dict[str, float]] = None) -> int:
     """Trials run at once so that all of their workers fit together: no trial waits forever for
-    resources another running trial holds. Raises if a single trial does not fit."""
-    fits = math.floor(cluster.get("CPU", 0.0) / trial.cpus) if trial.cpus else requested
-    if trial.gpus:
-        fits = min(fits, math.floor(cluster.get("GPU", 0.0) / trial.gpus))
+    resources another running trial holds. ``capacity`` is what an autoscaling cluster can grow to
+    (the resources of its worker groups at maxReplicas): where it says more than the nodes up now, the
+    trials are sized to it and the autoscaler adds nodes as they ask. Raises if a single trial does not fit."""
+    most = {k: max(cluster.get(k, 0.0), (capacity or {}).get(k, 0.0)) for k in trial.workers}
+    fits = min((math.floor(most[k] / need) for k, need in trial.workers.items()), default=requested)
     if fits < 1:
-        raise ConfigError(f"one trial needs {trial.cpus:g} CPUs and {trial.gpus:g} GPUs (ray.num_workers x "
-                          f"ray.resources_per_worker of the stage-2 config); the cluster has "
-                          f"{cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs")
+        needs = ", ".join(f"{v:g} {k}" for k, v in trial.workers.items())
+        has = ", ".join(f"{most[k]:g} {k}" for k in trial.workers)
+        raise ConfigError(f"one trial needs {needs} (ray.num_workers x ray.resources_per_worker of the stage-2 "
+                          f"config); the cluster has {has} (now, or as cluster_capacity says it can grow)")
     return max(1, min(requested, num_trials, fits))
 
 
@@ -143,9 +155,9 @@ def run_search(plan: SearchPlan, repo: Path) -> SearchResult:
     connect(base.ray, repo)
     resources = trial_resources(plan)
     trials = plan.total_trials
-    concurrency = concurrent_trials(cfg.concurrency, trials, resources, ray.cluster_resources())
-    log.info("%s: %d trials, %d at a time (each: %g CPUs, %g GPUs)", cfg.name, trials, concurrency,
-             resources.cpus, resources.gpus)
+    concurrency = concurrent_trials(cfg.concurrency, trials, resources, ray.cluster_resources(), cfg.cluster_capacity)
+    log.info("%s: %d trials, %d at a time (each: %s)", cfg.name, trials, concurrency,
+             ", ".join(f"{v:g} {k}" for k, v in resources.workers.items()))
     tracking_uri, parent_run_id, created = open_parent_run(plan)
     tracker = RunTracker(tracking_uri, parent_run_id)
     context: dict[str, Any] = {"search": to_dict(cfg), "where": plan.where, "repo": str(repo),

@@ -37,6 +37,9 @@ class TrackingConfig:
     default_db: str = DEFAULT_DB  # relative: to the folder the job is launched from
     artifact_location: Optional[str] = None  # new experiments only; None: 'mlartifacts' beside a SQLite file
     register_as: Optional[str] = None  # register the job's products as models '<register_as>-<product>'
+    # The alias every newly registered version takes: the next step of a deployment finds it by name
+    # (models:/<register_as>-<product>@candidate) instead of a version number. None: no alias.
+    register_alias: Optional[str] = "candidate"
     # Logging from training goes through a buffer written in the background (see tracking.buffer).
     buffer_max_metric_points: int = 100_000  # beyond it, the oldest pending points are dropped and counted
     drain_timeout_s: float = 600.0  # the end of a job waits this long for the store to take the buffer

@@ -3,6 +3,10 @@
     perceive-registry list
     perceive-registry show perceive-ir-restorer 3
     perceive-registry promote perceive-ir-restorer 3 --suite configs/eval/paper.yaml [--metric psnr_out --margin 0.05]
+    perceive-registry promote perceive-ir-restorer @candidate --suite configs/eval/paper.yaml
+
+A version is a number or an alias: every job registers its products with ``@candidate``
+(``tracking.register_alias``), so a deployment's steps name versions without knowing their numbers.
 
 Tracking URI: ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///runs/mlflow.db`` (the
 default store of every job, in the folder they are launched from).
@@ -80,6 +84,15 @@ def show_version(uri: str, name: str, version: str) -> str:
     return "\n".join(lines)
 
 
+def _version_number(uri: str, name: str, version: str) -> str:
+    """``version`` as a number: ``@alias`` is looked up in the registry (a missing alias raises, naming it)."""
+    if not version.startswith("@"):
+        return version
+    from perceive_ir.products.locations import registered_version
+
+    return str(registered_version(f"models:/{name}{version}", uri).version)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from mlflow.exceptions import MlflowException
 
@@ -96,14 +109,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     promote_cmd = commands.add_parser("promote", help="evaluate a version and move @champion when the gates hold")
     for sub in (show, promote_cmd):
         sub.add_argument("name")
-        sub.add_argument("version")
+        sub.add_argument("version", help="a version number or @alias (e.g. @candidate)")
     promote_cmd.add_argument("--suite", required=True, help="evaluation suite YAML, e.g. configs/eval/paper.yaml")
     promote_cmd.add_argument("--metric", default=Gates.metric, help="headline metric the gate compares (psnr_out)")
     promote_cmd.add_argument("--margin", type=float, default=Gates.margin, help="required gain over the champion")
     promote_cmd.add_argument("--lower-is-better", action="store_true", help="for error metrics")
     promote_cmd.add_argument("--no-evaluate", action="store_true", help="only reuse an existing evaluation")
     promote_cmd.add_argument("overrides", nargs="*", help="key=value settings of the suite (e.g. ray.num_workers=4)")
-    args = parser.parse_args(argv)
+    # key=value settings may also follow the options (promote NAME VERSION --suite FILE key=value ...)
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if "=" not in e or e.startswith("-") or args.command != "promote"]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides += extra
     uri = resolve_tracking_uri(TrackingConfig(uri=args.tracking_uri))
     where = describe_store(uri, "--tracking-uri" if args.tracking_uri else tracking_source(TrackingConfig()))
     if missing_store(uri):  # MLflow would create an empty store to look in
@@ -113,10 +132,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command == "list":
             print(list_versions(uri))
         elif args.command == "show":
-            print(show_version(uri, args.name, args.version))
+            print(show_version(uri, args.name, _version_number(uri, args.name, args.version)))
         else:
             gates = Gates(args.metric, args.margin, not args.lower_is_better)
-            done = promote(args.name, args.version, args.suite, uri, gates, args.overrides, not args.no_evaluate)
+            version = _version_number(uri, args.name, args.version)
+            done = promote(args.name, version, args.suite, uri, gates, args.overrides, not args.no_evaluate)
             over = f" over v{done.champion} ({done.champion_score:.4f})" if done.champion else " (first champion)"
             print(f"promoted {done.name} v{done.version} to @champion: {done.suite}/{gates.metric} "
                   f"{done.candidate_score:.4f}{over}; {'evaluated' if done.evaluated else 'evaluation reused'}")
