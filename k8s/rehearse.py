@@ -102,7 +102,8 @@ def rehearse(args: argparse.Namespace, root: Path, pods: PodSet, report: dict) -
     t = time.perf_counter()
     start_container(pods, manifests, services, "Deployment", "s3", root)
     start_postgres(pods, manifests, services, "mlflow-db", root / "volumes")
-    start_container(pods, manifests, services, "Deployment", "mlflow", root)
+    mlflow = start_container(pods, manifests, services, "Deployment", "mlflow", root)
+    report["mlflow_command"] = mlflow.process.args  # the manifest's, Secrets unexpanded (the shell expands them)
     step("object store, PostgreSQL, MLflow server", t)
 
     t = time.perf_counter()
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR")
            or str(Path.home() / ".cache" / "torch_extensions")}
     pods = PodSet(root, env)
-    report: dict = {"steps": [], "ok": False, "leftover_files": False}
+    report: dict = {"steps": [], "ok": False, "leftover_files": False, "folder": str(root)}
     try:
         rehearse(args, root, pods, report)
         report["ok"] = all(check["ok"] for check in report["checks"].values())

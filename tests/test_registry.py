@@ -234,8 +234,12 @@ def test_promotion_gates_and_the_registry_cli(sqlite_registry, made, ray_session
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     suite = made["suite"]
 
-    def aliases(name: str) -> dict[str, str]:
-        return {alias: str(v) for alias, v in client.get_registered_model(name).aliases.items()}
+    def aliases(name: str) -> dict[str, str]:  # the promotion's aliases; @candidate is the newest registration's
+        return {alias: str(v) for alias, v in client.get_registered_model(name).aliases.items() if alias != "candidate"}
+
+    newest = {name: max(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+              for name in ("reg-restorer", "reg-perceiver", "reg-medium-tier")}
+    assert {name: int(client.get_model_version_by_alias(name, "candidate").version) for name in newest} == newest
 
     def evaluations() -> int:
         experiment = client.get_experiment_by_name("reg-eval")
@@ -262,6 +266,11 @@ def test_promotion_gates_and_the_registry_cli(sqlite_registry, made, ray_session
     # again through the console script: the evaluation of the same suite hash is reused
     assert registry_cli.main(["--tracking-uri", uri, "promote", "reg-restorer", "3", "--suite", str(suite)]) == 1
     assert "promotion refused" in capsys.readouterr().err and evaluations() == 3
+    # a version named by its alias, as the promotion step of a deployment does (@candidate is v4: another perceiver)
+    assert registry_cli.main(["--tracking-uri", uri, "promote", "reg-restorer", "@candidate", "--suite", str(suite)]) == 1
+    assert "another perceiver" in capsys.readouterr().err
+    assert registry_cli.main(["--tracking-uri", uri, "promote", "reg-restorer", "@nowhere", "--suite", str(suite)]) == 2
+    assert "nowhere" in capsys.readouterr().err
     # another suite (other seed, other hash): the champion has no evaluation there
     with pytest.raises(PromotionRefused, match="champion reg-restorer v2 has no evaluation"):
         promote("reg-restorer", "3", suite, uri, overrides=["seed=9"])
