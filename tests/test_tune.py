@@ -314,6 +314,91 @@ def test_asha_of_a_relaunched_search_takes_in_the_trials_it_restores():
     assert actions == {ASHAScheduler: TrialScheduler.CONTINUE, RestorableASHA: TrialScheduler.STOP}
 
 
+def _asha(cls, **kwargs):
+    from ray.tune.schedulers import FIFOScheduler  # noqa: F401 - Ray's schedulers import in one go
+
+    settings = dict(time_attr="step", metric="objective", mode="max", max_t=8, grace_period=2, reduction_factor=2,
+                    stop_last_trials=False)
+    return cls(**{**settings, **kwargs})
+
+
+def _trial(name, status="RUNNING", last_result=None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(trial_id=name, status=status, last_result=last_result or {})
+
+
+def test_diverged_trials_are_the_worst_at_every_rung_and_the_cutoff_stays_a_number():
+    """Rungs at steps 2 and 4 (grace 2, factor 2). Plain ASHA: after one -inf at a rung its percentile is
+    -inf or NaN and every later trial passes, diverged or poor; here each is stopped where the rule says."""
+    import math
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from perceive_ir.search.runner import RestorableASHA
+
+    CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
+    # (trial, step, objective) in arrival order, and what ASHA's rule says: below the rung's median (its
+    # recorded results, a diverged one the worst) stops; a poor trial behind two diverged ones still ranks
+    # in the top half (d), and is stopped once the rung holds enough real results (h)
+    sequence = [("a", 2, 25.0, CONTINUE), ("b", 2, -math.inf, STOP), ("c", 2, -math.inf, STOP),
+                ("d", 2, 5.0, CONTINUE), ("e", 2, 30.0, CONTINUE),
+                ("a", 4, 26.0, CONTINUE), ("e", 4, -math.inf, STOP), ("f", 2, 27.0, CONTINUE),
+                ("f", 4, 20.0, CONTINUE), ("g", 2, math.nan, STOP), ("h", 2, 3.0, STOP),
+                ("d", 4, math.inf * 0, STOP), ("i", 4, 21.0, CONTINUE)]
+    decisions = {}
+    for cls in (ASHAScheduler, RestorableASHA):
+        asha = _asha(cls)
+        trials = {}
+        decisions[cls] = []
+        for name, step, value, _ in sequence:
+            if name not in trials:
+                trials[name] = _trial(name)
+                asha.on_trial_add(None, trials[name])
+            decisions[cls].append(asha.on_trial_result(None, trials[name], {"step": step, "objective": value}))
+    assert decisions[RestorableASHA] == [expected for *_, expected in sequence]
+    assert decisions[ASHAScheduler] != decisions[RestorableASHA]  # the defect this guards against is real
+
+
+def test_a_relaunched_search_restores_asha_rung_by_rung_from_the_reported_history():
+    """Three rungs (2, 4, 8). Three trials of the first launch reached the last rung; after a relaunch the
+    new trials meet the same bars at every rung as in the uninterrupted search."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from perceive_ir.search.runner import RestorableASHA
+    from perceive_ir.search.trainable import HISTORY
+
+    first = {"a": [[2, 30.0], [4, 31.0], [8, 32.0]], "b": [[2, 29.0], [4, 30.5], [8, 31.5]],
+             "c": [[2, 28.0], [4, 30.0], [8, 33.0]]}
+    later = [("d", 2, 29.5), ("d", 4, 29.0), ("e", 2, 27.0), ("f", 2, 31.0), ("f", 4, 31.2), ("f", 8, 30.0)]
+
+    def run(restored: bool) -> list[str]:
+        asha = _asha(RestorableASHA, max_t=16)
+        if restored:  # what Tune hands a relaunched search: each trial with its last result
+            for name, history in first.items():
+                step, value = history[-1]
+                asha.on_trial_add(None, _trial(name, "TERMINATED", {"step": step, "objective": value,
+                                                                     HISTORY: history}))
+        else:
+            for name, history in first.items():
+                trial = _trial(name)
+                asha.on_trial_add(None, trial)
+                for step, value in history:
+                    asha.on_trial_result(None, trial, {"step": step, "objective": value})
+                asha.on_trial_complete(None, trial, {"step": history[-1][0], "objective": history[-1][1]})
+        trials, actions = {}, []
+        for name, step, value in later:
+            if name not in trials:
+                trials[name] = _trial(name)
+                asha.on_trial_add(None, trials[name])
+            actions.append(asha.on_trial_result(None, trials[name], {"step": step, "objective": value}))
+        return actions
+
+    uninterrupted = run(restored=False)
+    assert run(restored=True) == uninterrupted
+    assert uninterrupted.count(TrialScheduler.STOP) >= 3  # the bars are real: d at 4, e at 2, f at 8
+
+
 def test_relative_paths_of_a_search_resolve_against_the_launch_folder_for_every_trial(
         package_photos, perceiver, tmp_path, monkeypatch):
     """As a stage job's: the trials, started in the repository's copy, get the launch folder's paths;

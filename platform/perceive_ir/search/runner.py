@@ -18,11 +18,12 @@ from perceive_ir.config import ConfigError, to_dict
 from perceive_ir.search.config import SearchPlan
 from perceive_ir.search.outcome import SearchOutcome
 from perceive_ir.search.space import to_tune_space
+from perceive_ir.search.trainable import HISTORY
 
 log = logging.getLogger(__name__)
 
 __all__ = ["TrialResources", "trial_resources", "concurrent_trials", "asha_max_t", "run_search", "SearchResult",
-           "LOST_TRIALS_TAG", "RestorableASHA"]
+           "LOST_TRIALS_TAG", "RestorableASHA", "worst_finite"]
 
 LOST_TRIALS_TAG = "search.lost_trials"
 
@@ -85,18 +86,46 @@ def asha_max_t(max_steps: int, val_every: int, grace_period: int) -> int:
 
 
 class RestorableASHA(ASHAScheduler):
-    """ASHA that takes in the results of the trials a relaunched search restores. Tune stores no
-    scheduler state: without this the rungs start empty after a relaunch, and the first trials to
-    reach them pass whatever they score."""
+    """ASHA that stays correct after diverged trials and relaunches.
+
+    A non-finite objective (a diverged trial: -inf when maximising) enters the rungs as the worst finite
+    value: ASHA's cutoff is a percentile of a rung's results, and one -inf among them makes it -inf or
+    NaN, after which nothing is stopped at that rung again. And Tune stores no scheduler state: a
+    relaunched search hands each restored trial to ``on_trial_add``, where its reported history
+    (``objective_history``: every validation's step and objective) is put back rung by rung, so that
+    no rung starts empty and the first new trials to reach it pass whatever they score."""
+
+    def _finite(self, result: dict) -> dict:
+        value = result.get(self._metric) if self._metric else None
+        if value is None or math.isfinite(value):
+            return result
+        return {**result, self._metric: worst_finite(self._mode)}
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        return super().on_trial_result(tune_controller, trial, self._finite(result))
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        super().on_trial_complete(tune_controller, trial, self._finite(result))
 
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)
-        if not trial.last_result:
+        if not trial.last_result or self._time_attr not in trial.last_result:
             return  # a new trial
+        last = trial.last_result
+        history = last.get(HISTORY) or [[last[self._time_attr], last.get(self._metric)]]
+        bracket = self._trial_info[trial.trial_id]
+        for step, value in sorted(history):  # each validation, in order: every rung it passed
+            finite = self._finite({self._metric: value})[self._metric]
+            if finite is not None:
+                bracket.on_result(trial, step, self._metric_op * finite)
         if trial.status == Trial.TERMINATED:
-            self.on_trial_complete(tune_controller, trial, trial.last_result)
-        else:  # it resumes: its last validation stands at the rungs it passed
-            self.on_trial_result(tune_controller, trial, trial.last_result)
+            del self._trial_info[trial.trial_id]
+
+
+def worst_finite(mode: str) -> float:
+    """The rung value of a diverged trial: below (above, when minimising) any real score, and finite,
+    so that percentiles of a rung stay numbers."""
+    return -1e300 if mode == "max" else 1e300
 
 
 def _scheduler(plan: SearchPlan):

@@ -23,11 +23,13 @@ from perceive_ir.search.config import QUALITY_METRIC, MetricConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ValidationReportCallback", "run_trial", "objective_of", "trial_run_name", "SEARCH_TAGS", "OBJECTIVE"]
+__all__ = ["ValidationReportCallback", "run_trial", "objective_of", "objective_history", "trial_run_name",
+           "SEARCH_TAGS", "OBJECTIVE", "HISTORY"]
 
 SEARCH_TAGS = {"parent": "mlflow.parentRunId", "name": "search.name", "trial": "search.trial_id",
                "early_stopped": "search.early_stopped"}
 OBJECTIVE = "objective"
+HISTORY = "objective_history"  # [[step, objective], ...]: every validation so far, in each report
 VALIDATION_WAIT_S = 30.0
 
 
@@ -41,6 +43,18 @@ def objective_of(metrics: dict[str, float], metric: MetricConfig) -> Optional[fl
     if math.isnan(value):
         return -math.inf if metric.mode == "max" else math.inf
     return value
+
+
+def objective_history(client, run_id: str, metric: MetricConfig) -> list[list[float]]:
+    """``[step, objective]`` of every validation the run logged: what a relaunched search's scheduler puts
+    back into its rungs (see ``RestorableASHA``)."""
+    quality = {m.step: m.value for m in client.get_metric_history(run_id, QUALITY_METRIC)} \
+        if metric.quality_weight else {}
+    history = []
+    for m in sorted(client.get_metric_history(run_id, metric.name), key=lambda m: m.step):
+        value = objective_of({metric.name: m.value, QUALITY_METRIC: quality.get(m.step, 0.0)}, metric)
+        history.append([m.step, value])
+    return history
 
 
 def trial_run_name(search: str, trial_id: str) -> str:
@@ -93,7 +107,8 @@ class ValidationReportCallback(TuneReportCallback):
         validation = {k: v for k, v in run.data.metrics.items() if k.startswith("val/")}
         objective = objective_of(validation, self.metric)
         if objective is not None:
-            self._training_actor_item_queue.put({"step": step, OBJECTIVE: objective, **validation})
+            history = objective_history(client, self._run_id, self.metric)
+            self._training_actor_item_queue.put({"step": step, OBJECTIVE: objective, HISTORY: history, **validation})
 
 
 def _ended_run(tracking_uri: str, experiment: str, run_name: str):
@@ -136,17 +151,13 @@ def run_trial(values: dict[str, Any], context: dict[str, Any]) -> None:
         validation = {k: v for k, v in ended.data.metrics.items() if k.startswith("val/")}
         objective = objective_of(validation, cfg.metric)
         if objective is not None:
-            step = max(m.step for m in _history(tracking_uri, ended.info.run_id, cfg.metric.name))
-            ray.tune.report({"step": step, OBJECTIVE: objective, **validation})
+            from mlflow.tracking import MlflowClient
+
+            history = objective_history(MlflowClient(tracking_uri=tracking_uri), ended.info.run_id, cfg.metric)
+            ray.tune.report({"step": history[-1][0], OBJECTIVE: objective, HISTORY: history, **validation})
         return
     tags = {SEARCH_TAGS["parent"]: context["parent_run_id"], SEARCH_TAGS["name"]: cfg.name,
             SEARCH_TAGS["trial"]: ray.tune.get_context().get_trial_id()}
     params = {f"search/{key}": value for key, value in values.items()}
     callback = ValidationReportCallback(tracking_uri, name, trial_cfg.tracking.experiment, cfg.metric)
     launch("stage2", trial_cfg, working_dir=root, callbacks=[callback], run_tags=tags, run_params=params)
-
-
-def _history(tracking_uri: str, run_id: str, key: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri).get_metric_history(run_id, key)
