@@ -470,3 +470,41 @@ def test_a_search_whose_trials_all_fail_says_why_and_fails(package_photos, perce
     assert tune.report(plan, result) == 1
     err = capsys.readouterr().err
     assert "no trial completed (2 errored)" in err and "no shard manifest" in err and "ended FAILED" in err
+
+
+def test_a_relaunch_with_other_search_settings_is_refused_naming_each_change(tmp_path, perceiver):
+    """Space, scheduler, metric and the base config's run identity (an edited base YAML included) must
+    stay for a relaunch to continue a search; concurrency and cluster capacity may change."""
+    from perceive_ir.orchestration.preflight import PreflightError
+    from perceive_ir.search import preflight as search_preflight
+    from perceive_ir.search.tracking import open_parent_run, relaunch_changes
+
+    config = write_search(tmp_path, "shards", perceiver, {"path": str(tmp_path / "ray")})
+    plan = plan_search(config)
+    assert relaunch_changes(plan) == (None, [])
+    open_parent_run(plan)
+    raw = yaml.safe_load(config.read_text())
+    raw.update(concurrency=1, cluster_capacity={"CPU": 4})
+    config.write_text(yaml.safe_dump(raw))
+    assert relaunch_changes(plan_search(config))[1] == []
+    raw["space"]["loss.l3"] = {"quniform": [0.05, 0.3, 0.05]}
+    raw["space"]["loss.l1"] = {"uniform": [0.1, 0.2]}
+    raw["scheduler"]["reduction_factor"] = 2
+    raw["stage2"]["loss"] = {"l2": 0.5}  # a new override: the base's identity shows it
+    config.write_text(yaml.safe_dump(raw))
+    run_id, changed = relaunch_changes(plan_search(config))
+    assert {key for key, *_ in changed} == {"space.loss.l3", "space.loss.l1", "search.scheduler.reduction_factor",
+                                          "base.loss.l2"}
+    assert ("space.loss.l1", "(none)", "uniform [0.1, 0.2]") in changed
+    with pytest.raises(PreflightError, match=f"a search named '{SEARCH}' \\(MLflow run {run_id}\\) ran with other "
+                                             "settings.*space.loss.l1.*another name"):
+        search_preflight._check_relaunch(plan_search(config))
+
+
+def test_the_quality_score_improves_the_objective_whatever_the_mode():
+    from perceive_ir.search.config import QUALITY_METRIC, MetricConfig
+    from perceive_ir.search.trainable import objective_of
+
+    scores = {"val/mean/psnr_out": 30.0, "val/mean/lpips": 0.2, QUALITY_METRIC: 0.5}
+    assert objective_of(scores, MetricConfig("val/mean/psnr_out", "max", 2.0)) == pytest.approx(31.0)
+    assert objective_of(scores, MetricConfig("val/mean/lpips", "min", 0.1)) == pytest.approx(0.15)

@@ -22,7 +22,7 @@ QUALITY_METRIC = "val/mean/quality_out"
 class MetricConfig:
     name: str = "val/mean/psnr_out"  # any validation metric of stage 2
     mode: Literal["max", "min"] = "max"
-    quality_weight: float = 0.0  # objective = name + quality_weight * val/mean/quality_out (the perceiver's score)
+    quality_weight: float = 0.0  # objective = name + (max) or - (min) quality_weight x val/mean/quality_out
 
 
 @dataclass

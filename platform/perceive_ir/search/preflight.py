@@ -32,6 +32,7 @@ def preflight_search(plan: SearchPlan, working_dir: Optional[Path], launch_dir: 
     # elsewhere; MLFLOW_TRACKING_URI is not passed to them)
     base.tracking.uri = plan.resolved_settings["tracking.uri"] = resolve_tracking_uri(base.tracking)
     plan.base = base
+    _check_relaunch(plan)
     for dist in plan.distributions:
         for value in dist.probe_values():
             trial = plan.trial_config({dist.key: value}, _PROBE_NAME, base.storage.path)
@@ -41,3 +42,16 @@ def preflight_search(plan: SearchPlan, working_dir: Optional[Path], launch_dir: 
             except PreflightError as err:
                 raise PreflightError(err.setting, f"in a trial with search space '{dist.key}' = {value!r}: "
                                      f"{str(err).split(': ', 1)[-1]}", err.exit_code == 1) from None
+
+
+def _check_relaunch(plan: SearchPlan) -> None:
+    from perceive_ir.search.tracking import relaunch_changes
+
+    run_id, changed = relaunch_changes(plan)
+    if not changed:
+        return
+    listed = "; ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changed[:8])
+    more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+    raise PreflightError("name", f"a search named '{plan.cfg.name}' (MLflow run {run_id}) ran with other settings "
+                         f"({listed}{more}), and a relaunch under its name continues its trials and scheduler: give "
+                         f"this search another name to start a new one, or keep those settings to continue it")

@@ -13,25 +13,55 @@ from typing import Optional
 from ray.tune import Callback
 
 from perceive_ir.config import flatten
+from perceive_ir.orchestration.config import identity_settings
 from perceive_ir.search.config import QUALITY_METRIC, SearchPlan
 from perceive_ir.search.outcome import SearchOutcome
 from perceive_ir.search.report import TrialRecord, write_plot, write_table
 from perceive_ir.search.trainable import SEARCH_TAGS, objective_of, trial_run_name
 from perceive_ir.tracking import RUN_NAME_TAG, RunTracker, find_or_create_run, version_tags
+from perceive_ir.tracking.mlflow_run import existing_run, redact_params
 
 log = logging.getLogger(__name__)
 
-__all__ = ["open_parent_run", "trial_runs", "mark_early_stopped", "trial_records", "log_results", "register_best",
+__all__ = ["open_parent_run", "search_params", "relaunch_changes", "SEARCH_IDENTITY", "trial_runs", "mark_early_stopped", "trial_records", "log_results", "register_best",
            "EarlyStopMarker"]
 
 BEST_TAG = "search.best_registered"
 
 
-def open_parent_run(plan: SearchPlan) -> tuple[str, str, bool]:
-    """``(tracking URI, parent run id, created)``: the search's run, in the stage-2 runs' experiment."""
+# What a search's trials and decisions rest on: a relaunch under the same name that changed one of these
+# would mix trials of two searches in one scheduler and one table. The rest (concurrency, cluster
+# capacity, intervals, registration) may change between launches.
+SEARCH_IDENTITY = ("space.", "search.base", "search.stage2.", "search.metric.", "search.scheduler.",
+                   "search.search.", "search.num_trials", "base.")
+
+
+def search_params(plan: SearchPlan) -> dict[str, str]:
+    """The search run's params: its settings, its space, and the base config's run identity (so that an
+    edited base YAML shows too)."""
     params = {f"search.{k}": v for k, v in flatten(plan.cfg).items() if not k.startswith("space.")}
     params.update({f"space.{d.key}": f"{d.kind} {list(d.args)}" for d in plan.distributions})
-    return find_or_create_run(plan.base.tracking, plan.cfg.name, params, version_tags(), "tune")
+    params.update({f"base.{k}": v for k, v in identity_settings(flatten(plan.base)).items()})
+    return redact_params(params)
+
+
+def relaunch_changes(plan: SearchPlan) -> tuple[Optional[str], list[tuple[str, str, str]]]:
+    """``(run id, [(setting, before, now), ...])`` of the search run a launch under this name continues:
+    the identity settings that differ (a space key added or removed counts); ``(None, [])`` for a new search."""
+    found = existing_run(plan.base.tracking, plan.cfg.name)
+    if found is None:
+        return None, []
+    run_id, before = found
+    now = search_params(plan)
+    keys = {k for k in now if k.startswith(SEARCH_IDENTITY) and (k in before or k.startswith("space."))}
+    keys |= {k for k in before if k.startswith("space.")}  # a space key removed since
+    return run_id, sorted((k, before.get(k, "(none)"), now.get(k, "(none)")) for k in keys
+                          if before.get(k) != now.get(k))
+
+
+def open_parent_run(plan: SearchPlan) -> tuple[str, str, bool]:
+    """``(tracking URI, parent run id, created)``: the search's run, in the stage-2 runs' experiment."""
+    return find_or_create_run(plan.base.tracking, plan.cfg.name, search_params(plan), version_tags(), "tune")
 
 
 def trial_runs(client, plan: SearchPlan, parent_run_id: str) -> list:

@@ -38,8 +38,9 @@ def objective_of(metrics: dict[str, float], metric: MetricConfig) -> Optional[fl
     if metric.name not in metrics:
         return None
     value = metrics[metric.name]
-    if metric.quality_weight:
-        value += metric.quality_weight * metrics.get(QUALITY_METRIC, 0.0)
+    if metric.quality_weight:  # a higher quality score is better: it improves the objective in either mode
+        sign = 1.0 if metric.mode == "max" else -1.0
+        value += sign * metric.quality_weight * metrics.get(QUALITY_METRIC, 0.0)
     if math.isnan(value):
         return -math.inf if metric.mode == "max" else math.inf
     return value
