@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 import time
 from dataclasses import dataclass, field
-
+from typing import Callable
 
 from rehearsal.pods import Pod, wait_until
 from rehearsal.ray_nodes import RayCluster
@@ -36,7 +36,7 @@ class NodeLoss:
     the workers are, kill the raylet of a node that hosts one, and start a node again in its place."""
 
     cluster: RayCluster
-    checkpoint_written: callable  # () -> bool
+    checkpoint_written: Callable[[], bool]
     timeout_s: float = 240.0
     placement: dict[str, str] = field(default_factory=dict)
     lost: str = ""

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import psutil
 
-__all__ = ["Pod", "PodSet", "wait_until", "POD_TMP"]
+__all__ = ["Pod", "PodSet", "wait_until", "port_open", "python_bin", "POD_TMP"]
 
 POD_TMP = "{pod_tmp}"  # in a command: the pod's own temporary folder
 
@@ -114,8 +114,11 @@ class PodSet:
         return pod
 
     def stop_all(self) -> None:
-        for pod in reversed(self.pods):  # clients before the services they use
-            pod.stop()
+        """Every pod at once, as a namespace is deleted: each gets SIGTERM and its grace period."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, len(self.pods))) as pool:
+            list(pool.map(Pod.stop, self.pods))
 
     def leftovers(self) -> list[str]:
         return [f"{pod.name}: pid {p.pid} {' '.join(p.cmdline()[:3])}" for pod in self.pods for p in pod.processes()

@@ -23,8 +23,8 @@ from perceive_ir.tracking.mlflow_run import existing_run, redact_params
 
 log = logging.getLogger(__name__)
 
-__all__ = ["open_parent_run", "search_params", "relaunch_changes", "SEARCH_IDENTITY", "trial_runs", "mark_early_stopped", "trial_records", "log_results", "register_best",
-           "EarlyStopMarker"]
+__all__ = ["open_parent_run", "search_params", "relaunch_changes", "SEARCH_IDENTITY", "trial_runs",
+           "mark_early_stopped", "trial_records", "log_results", "register_best", "EarlyStopMarker"]
 
 BEST_TAG = "search.best_registered"
 

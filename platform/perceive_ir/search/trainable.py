@@ -2,8 +2,8 @@
 documents for Tune (``TuneReportCallback`` in the trainer's ``RunConfig``).
 
 Each checkpoint of the trial's run is a validation (the trial config sets ``checkpoint_every`` to
-``val_every``); the callback forwards that validation's metrics, read from the trial's MLflow run where
-rank 0 logged them just before reporting, with the objective. A trial's run is named
+``val_every``); the callback forwards that validation's metrics, which rank 0 reports with the
+checkpoint, with the objective and its history. A trial's run is named
 ``<search>-<trial id>`` and stored under ``<storage.path>/<search>/train``: launched again (after a driver
 restart) it resumes from its last checkpoint, and a trial whose run already ended is not trained again.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,7 +29,6 @@ SEARCH_TAGS = {"parent": "mlflow.parentRunId", "name": "search.name", "trial": "
                "early_stopped": "search.early_stopped"}
 OBJECTIVE = "objective"
 HISTORY = "objective_history"  # [[step, objective], ...]: every validation so far, in each report
-VALIDATION_WAIT_S = 30.0
 
 
 def objective_of(metrics: dict[str, float], metric: MetricConfig) -> Optional[float]:
@@ -63,28 +61,19 @@ def trial_run_name(search: str, trial_id: str) -> str:
 
 
 class ValidationReportCallback(TuneReportCallback):
-    """Forwards each validation of the trial's run to Tune: ``step``, the ``val/`` metrics, ``objective``."""
+    """Forwards each validation of the trial's run to Tune: ``step``, the ``val/`` metrics, ``objective``
+    and the objective's history. They come with the checkpoint's report (rank 0 adds its validation of
+    the step), so no score is read back from the tracking store: this runs in the trial's Train
+    controller, where an error is not retried, and the store may be away for minutes."""
 
     def __init__(self, tracking_uri: str, run_name: str, experiment: str, metric: MetricConfig) -> None:
         super().__init__()
         self.tracking_uri, self.run_name, self.experiment, self.metric = tracking_uri, run_name, experiment, metric
         self._run_id: Optional[str] = None
+        self._history: Optional[dict[int, float]] = None  # step -> objective, this run's validations
 
-    def _wait_for_validation(self, client, step: int) -> bool:
-        """Rank 0 logs through a background buffer: its validation of ``step`` may reach the store a
-        moment after the checkpoint's report."""
-        deadline = time.monotonic() + VALIDATION_WAIT_S
-        while True:
-            if any(m.step == step for m in client.get_metric_history(self._run_id, self.metric.name)):
-                return True
-            if time.monotonic() > deadline:
-                log.warning("%s: no '%s' at step %d in MLflow after %.0f s; not reported to Tune", self.run_name,
-                            self.metric.name, step, VALIDATION_WAIT_S)
-                return False
-            time.sleep(0.2)
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        import ray
+    def _stopped_by_scheduler(self) -> bool:
+        """The run carries the scheduler's early-stop mark (set by the search's driver)."""
         from mlflow.tracking import MlflowClient
 
         from perceive_ir.tracking import RUN_NAME_TAG
@@ -95,21 +84,45 @@ class ValidationReportCallback(TuneReportCallback):
             (found,) = client.search_runs([experiment.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{self.run_name}'",
                                           max_results=1)
             self._run_id = found.info.run_id
-        run = client.get_run(self._run_id)
-        if run.data.tags.get(SEARCH_TAGS["early_stopped"]) == "true":
-            # The scheduler stopped this trial: end the run here (this callback runs in its controller).
-            log.info("%s was stopped by the scheduler: aborting its training run", self.run_name)
-            ray.get_runtime_context().current_actor.abort.remote()
-            return
-        step = int(metrics[0]["step"])
-        if not self._wait_for_validation(client, step):
-            return  # a checkpoint without a validation (a relaunch at the end)
-        run = client.get_run(self._run_id)
-        validation = {k: v for k, v in run.data.metrics.items() if k.startswith("val/")}
+        return client.get_run(self._run_id).data.tags.get(SEARCH_TAGS["early_stopped"]) == "true"
+
+    def _earlier_history(self) -> dict[int, float]:
+        """Validations before this launch of the trial (a resumed run), best effort: the store may be away."""
+        from mlflow.tracking import MlflowClient
+
+        try:
+            if self._run_id is None:
+                self._stopped_by_scheduler()  # finds the run
+            return {int(step): value for step, value in
+                    objective_history(MlflowClient(tracking_uri=self.tracking_uri), self._run_id, self.metric)}
+        except Exception as err:  # noqa: BLE001 - MLflow raises many kinds; the history then starts here
+            log.warning("%s: earlier validations not read (%s); the objective history starts at this launch",
+                        self.run_name, str(err).splitlines()[0] if str(err) else type(err).__name__)
+            return {}
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        import ray
+
+        try:
+            if self._stopped_by_scheduler():
+                # The scheduler stopped this trial: end the run here (this callback runs in its controller).
+                log.info("%s was stopped by the scheduler: aborting its training run", self.run_name)
+                ray.get_runtime_context().current_actor.abort.remote()
+                return
+        except Exception as err:  # noqa: BLE001 - the mark is read again at the next report
+            log.warning("%s: tracking store not answering (%s); early-stop mark not checked at this report",
+                        self.run_name, str(err).splitlines()[0] if str(err) else type(err).__name__)
+        reported = metrics[0] if metrics else {}
+        validation = {k: float(v) for k, v in reported.items() if k.startswith("val/")}
         objective = objective_of(validation, self.metric)
-        if objective is not None:
-            history = objective_history(client, self._run_id, self.metric)
-            self._training_actor_item_queue.put({"step": step, OBJECTIVE: objective, HISTORY: history, **validation})
+        if objective is None:
+            return  # a checkpoint without a validation
+        step = int(reported["step"])
+        if self._history is None:
+            self._history = self._earlier_history()
+        self._history[step] = objective
+        history = [[s, v] for s, v in sorted(self._history.items())]
+        self._training_actor_item_queue.put({"step": step, OBJECTIVE: objective, HISTORY: history, **validation})
 
 
 def _ended_run(tracking_uri: str, experiment: str, run_name: str):

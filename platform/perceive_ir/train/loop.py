@@ -211,13 +211,16 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
                 metrics = log_window()
                 if tracker is not None:
                     tracker.log_metrics(metrics, step=state.step)
+            validation: dict[str, float] = {}
             if state.step % cfg.val_every == 0 or state.step == cfg.max_steps:
                 state.validations += 1
                 if rank == 0:
-                    _validate(task, engine, held_out, tracker, state, cfg)
+                    validation = _validate(task, engine, held_out, tracker, state, cfg)
             if (state.step % cfg.checkpoint_every == 0 or state.step == last
                     or _preemption_announced(reporter, cfg, state.step, preemption)):
-                checkpoint_now({k: v for k, v in metrics.items() if k.startswith("train/")})
+                # the validation of this step travels with the checkpoint's report (a search's scheduler
+                # reads it there, not back from the tracking store)
+                checkpoint_now({**{k: v for k, v in metrics.items() if k.startswith("train/")}, **validation})
             if state.step >= last:
                 break
     if saved_at != state.step:  # relaunched at the end: nothing trained, report for symmetry
@@ -231,19 +234,22 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
     return state
 
 
-def _validate(task, engine, held_out: HeldOutSet, tracker: Tracker | None, state: TrainState, cfg: LoopConfig) -> None:
+def _validate(task, engine, held_out: HeldOutSet, tracker: Tracker | None, state: TrainState,
+              cfg: LoopConfig) -> dict[str, float]:
     engine.eval()
     try:
         metrics, outputs = task.validate(engine.module, held_out)
     finally:
         engine.train()
+    metrics = {k: float(v) for k, v in metrics.items()}
     if tracker is None:
-        return
+        return metrics
     tracker.log_metrics(metrics, step=state.step)
     if state.validations % cfg.grid_every_validations == 0:
         with tempfile.TemporaryDirectory(prefix="grid-") as folder:
             grid = save_grid(Path(folder) / f"validation_step{state.step:08d}.png", held_out, outputs)
             tracker.log_file(grid, "validation_grids")
+    return metrics
 
 
 def _log_weight_identities(model: torch.nn.Module, tracker: Tracker) -> None:
