@@ -259,3 +259,25 @@ def test_the_mlflow_server_of_the_manifest_answers_requests_addressed_to_its_ser
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def test_trial_functions_ask_for_a_resource_only_stable_nodes_offer():
+    """The search's trial functions (each with its trial's Train controller) must not land on a preemptible
+    GPU node: the resource they ask for is offered by the head and the CPU group only."""
+    import json
+    import shlex
+
+    for path, doc in documents():
+        if doc["kind"] != "RayCluster":
+            continue
+        offered = {}
+        for name, group in [("head", doc["spec"]["headGroupSpec"])] + [
+                (g["groupName"], g) for g in doc["spec"]["workerGroupSpecs"]]:
+            raw = (group.get("rayStartParams") or {}).get("resources", "{}")
+            offered[name] = set(json.loads(raw.strip("'\"` ")))
+        assert "stable_node" in offered["head"] and "stable_node" in offered["cpu"], path
+        assert "stable_node" not in offered["gpu"], path
+    for path, doc in documents():
+        if doc["kind"] == "RayJob" and doc["metadata"]["name"] == "perceive-ir-tune":
+            words = shlex.split(doc["spec"]["entrypoint"])
+            assert "trial_driver_resources={stable_node: 0.01}" in words, path

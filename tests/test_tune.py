@@ -243,6 +243,8 @@ def test_trials_at_once_never_exceed_what_the_cluster_holds():
     slots = TrialResources({"CPU": 1, "rehearsal_gpu": 1}, 2**28)
     assert concurrent_trials(4, 4, slots, {"CPU": 24.0, "rehearsal_gpu": 2.0}) == 2
     assert one_worker.driver_bundle() == {"CPU": 0, "memory": float(2**28)}
+    on_stable_nodes = TrialResources({"CPU": 1}, 2**28, {"stable_node": 0.01})
+    assert on_stable_nodes.driver_bundle() == {"CPU": 0, "memory": float(2**28), "stable_node": 0.01}
     assert asha_max_t(6, 2, 2) == 4 and asha_max_t(7, 2, 2) == 6
     with pytest.raises(ConfigError, match="grace_period 6"):
         asha_max_t(6, 2, 6)

@@ -79,8 +79,10 @@ class RayCluster:
         params.setdefault("object-store-memory", str(min(OBJECT_STORE_CAP, int(0.3 * memory))))
         gpus = int(quantity(limits.get("nvidia.com/gpu", 0)))
         if gpus:
-            resources = json.loads(params.get("resources", "{}").strip("'\"") or "{}")
+            resources = json.loads(params.get("resources", "{}").strip("'\"` ") or "{}")
             params["resources"] = json.dumps({**resources, GPU_STAND_IN: gpus})
+        if "resources" in params:  # a JSON object in shell quotes, as KubeRay passes it to bash
+            params["resources"] = json.dumps(json.loads(params["resources"].strip("'\"` ") or "{}"))
         if params.get("dashboard-host") == "0.0.0.0":
             params["dashboard-host"] = "127.0.0.1"
         params.update({"node-name": pod_name, "node-ip-address": "127.0.0.1", "temp-dir": f"{POD_TMP}/ray",
@@ -112,8 +114,22 @@ class RayCluster:
         self.wait_for_nodes(timeout_s)
         for group in self.groups[1:]:  # one after the other: two cores do not start three raylets in time
             for index in range(group.replicas):
-                self.start_node(group, index)
+                self._start_with_restarts(group, index, timeout_s)
+
+    def _start_with_restarts(self, group: NodeGroup, index: int, timeout_s: float, restarts: int = 2) -> Pod:
+        """A pod whose container exits while starting is started again, as the kubelet restarts it (a
+        raylet can time out registering on a loaded machine)."""
+        for attempt in range(restarts + 1):
+            pod = self.start_node(group, index)
+            try:
                 self.wait_for_nodes(timeout_s)
+                return pod
+            except RuntimeError:  # it exited
+                if attempt == restarts:
+                    raise
+                pod.stop(grace_s=5)
+                self.nodes.remove(pod)
+        raise AssertionError("unreachable")
 
     def alive_nodes(self) -> list:
         from ray.util.state import list_nodes
@@ -129,7 +145,4 @@ class RayCluster:
         """What the operator does for a worker pod whose container exited: a new pod of the same group."""
         lost.stop(grace_s=5)
         group = next(g for g in self.groups if g.name == lost.group)
-        index = int(lost.name.rsplit("-", 1)[1])
-        pod = self.start_node(group, index)
-        self.wait_for_nodes(timeout_s)
-        return pod
+        return self._start_with_restarts(group, int(lost.name.rsplit("-", 1)[1]), timeout_s)

@@ -57,6 +57,11 @@ class SearchConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     search: SearchAlgorithmConfig = field(default_factory=SearchAlgorithmConfig)
     trial_driver_memory_mb: int = 256  # what the Tune function itself reserves (it holds no CPU)
+    # Where the Tune functions (each with its trial's Train controller) may run: a custom resource that only
+    # stable nodes offer (the head and the CPU group on Kubernetes: {stable_node: 0.01}), never a
+    # preemptible GPU node. Empty: anywhere.
+    trial_driver_resources: dict[str, float] = field(default_factory=dict)
+    max_trial_failures: int = 3  # a trial whose node or function is lost is restarted this often (from its checkpoint)
     state_save_period_s: float = 10.0  # how often Tune saves the search's state to storage
     stopped_trial_grace_s: int = 5  # a trial the scheduler stopped is killed after this many seconds
     register_as: Optional[str] = None  # register the best trial's restorer as '<register_as>-restorer'

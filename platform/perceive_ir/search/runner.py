@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,6 +35,7 @@ class TrialResources:
 
     workers: dict[str, float]
     driver_memory_bytes: int
+    driver_resources: dict[str, float] = field(default_factory=dict)  # e.g. a stable nodes' resource
 
     @property
     def cpus(self) -> float:
@@ -46,7 +47,7 @@ class TrialResources:
 
     def driver_bundle(self) -> dict[str, float]:
         # Ray refuses an all-zero bundle; memory exists on every node, so no custom resource is needed.
-        return {"CPU": 0, "memory": float(self.driver_memory_bytes)}
+        return {"CPU": 0, "memory": float(self.driver_memory_bytes), **self.driver_resources}
 
 
 def trial_resources(plan: SearchPlan) -> TrialResources:
@@ -55,7 +56,7 @@ def trial_resources(plan: SearchPlan) -> TrialResources:
     if ray_cfg.use_gpu:
         per_worker.setdefault("GPU", 1.0)
     return TrialResources({k: ray_cfg.num_workers * v for k, v in per_worker.items() if v},
-                          plan.cfg.trial_driver_memory_mb * 2**20)
+                          plan.cfg.trial_driver_memory_mb * 2**20, dict(plan.cfg.trial_driver_resources))
 
 
 def concurrent_trials(requested: int, num_trials: int, trial: TrialResources, cluster: dict[str, float],
@@ -208,6 +209,7 @@ def run_search(plan: SearchPlan, repo: Path) -> SearchResult:
                                         search_alg=_search_algorithm(plan, concurrency)),
             run_config=tune.RunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=filesystem,
                                       callbacks=[EarlyStopMarker(tracking_uri, base.tracking.experiment, cfg.name)],
+                                      failure_config=tune.FailureConfig(max_failures=cfg.max_trial_failures),
                                       verbose=1))
     start = time.perf_counter()
     try:
