@@ -25,7 +25,7 @@ from perceive_ir.data.storage import ENDPOINT_VARIABLE, StorageError, is_unreach
 from perceive_ir.orchestration.config import JobConfig, identity_settings, is_local_path, path_settings, set_setting
 from perceive_ir.orchestration.ray_runtime import UPLOAD_EXCLUDES, submitted_job_runtime_env
 
-__all__ = ["PreflightError", "Placement", "placement", "preflight", "resolve_paths"]
+__all__ = ["PreflightError", "Placement", "placement", "preflight", "resolve_paths", "describe_changes"]
 
 _SHARED = "a storage URL: s3://bucket/prefix, or file:///path on a file system every node mounts"
 _LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "::1", "0.0.0.0", "auto", "local"}
@@ -215,6 +215,12 @@ def _safe(uri: str) -> str:
 _PRODUCT_FILES = {"perceiver": ("perceiver.json",), "medium_tier": ("medium_tier.json",)}
 
 
+def describe_changes(changed: list[tuple[str, str, str]], limit: int) -> str:
+    """``setting 'before' -> 'now'; ...`` for the first ``limit`` changes, and how many more."""
+    listed = "; ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changed[:limit])
+    return listed + (f" and {len(changed) - limit} more" if len(changed) > limit else "")
+
+
 def _check_relaunch(cfg: JobConfig) -> None:
     from perceive_ir.config import flatten
     from perceive_ir.tracking.mlflow_run import existing_run, redact_params
@@ -228,10 +234,8 @@ def _check_relaunch(cfg: JobConfig) -> None:
     changed = sorted((k, before[k], v) for k, v in now.items() if k in before and before[k] != v)
     if not changed:
         return
-    listed = "; ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changed[:6])
-    more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
     raise PreflightError("name", f"a run named '{cfg.name}' (MLflow run {run_id}) was started with other settings "
-                         f"({listed}{more}), and a relaunch under its name resumes its checkpoints: give this job "
+                         f"({describe_changes(changed, 6)}), and a relaunch under its name resumes its checkpoints: give this job "
                          f"another name to start a new run, or keep those settings to continue that one")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from perceive_ir.orchestration.config import path_settings
-from perceive_ir.orchestration.preflight import PreflightError, preflight
+from perceive_ir.orchestration.preflight import PreflightError, describe_changes, preflight
 from perceive_ir.search.config import SearchPlan
 from perceive_ir.tracking import resolve_tracking_uri
 
@@ -50,8 +50,6 @@ def _check_relaunch(plan: SearchPlan) -> None:
     run_id, changed = relaunch_changes(plan)
     if not changed:
         return
-    listed = "; ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changed[:8])
-    more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
     raise PreflightError("name", f"a search named '{plan.cfg.name}' (MLflow run {run_id}) ran with other settings "
-                         f"({listed}{more}), and a relaunch under its name continues its trials and scheduler: give "
+                         f"({describe_changes(changed, 8)}), and a relaunch under its name continues its trials and scheduler: give "
                          f"this search another name to start a new one, or keep those settings to continue it")
