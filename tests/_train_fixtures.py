@@ -31,10 +31,14 @@ class FolderTracker:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.metrics: dict[str, list[tuple[int, float]]] = {}
+        self.tags: dict[str, str] = {}
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         for key, value in metrics.items():
             self.metrics.setdefault(key, []).append((step, value))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.tags.update(tags)
 
     def log_file(self, path, artifact_path=None) -> None:
         target = self.folder / (artifact_path or "")

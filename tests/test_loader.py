@@ -17,7 +17,7 @@ from PIL import Image
 from dataset_tools.build import BuildConfig, build_shards
 from dataset_tools.sources import SourceSpec
 from perceive_ir.config import ConfigError, from_dict
-from perceive_ir.data.pipeline import LoaderConfig, ShardSourceConfig, build_loader
+from perceive_ir.data.pipeline import BatchPlan, LoaderConfig, ShardSourceConfig, build_loader
 
 
 def make_inverted_pairs(photos: Path, dest: Path, n: int = 6, size: int = 96) -> Path:
@@ -74,9 +74,29 @@ def test_stream_is_reproducible_from_the_seed(paired_shards):
 def test_resuming_mid_epoch_continues_the_same_stream(paired_shards, workers):
     cfg = loader_config(paired_shards, num_workers=workers, samples_per_epoch=40)
     full = [b["key"] for b in build_loader(cfg, epoch=1)]
-    rest = [b["key"] for b in build_loader(cfg, epoch=1, start_batch=3)]
+    rest = [b["key"] for b in build_loader(cfg, epoch=1, start_step=3)]
     assert len(full) == 10 and rest == full[3:]
     assert [b["key"] for b in build_loader(cfg, epoch=2)] != full
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_global_batches_are_the_same_at_any_number_of_ranks(paired_shards, workers):
+    """4 micro-batches per step, cut over 1, 2 or 4 ranks, resumed mid-epoch or not: the same steps."""
+    cfg = loader_config(paired_shards, num_workers=workers, samples_per_epoch=48)  # 3 steps of 4 x 4
+
+    def steps(world: int, start: int = 0) -> list[list[str]]:
+        ranks = [list(build_loader(cfg, epoch=1, start_step=start, plan=BatchPlan.for_rank(4, r, world)))
+                 for r in range(world)]
+        per_rank = 4 // world
+        return [[k for batches in ranks for b in batches[s * per_rank:(s + 1) * per_rank] for k in b["key"]]
+                for s in range(3 - start)]
+
+    one = steps(1)
+    assert len(one) == 3 and all(len(step) == 16 for step in one)
+    assert steps(2) == one and steps(4) == one
+    assert steps(2, start=1) == one[1:] and steps(4, start=2) == one[2:]
+    with pytest.raises(ValueError, match="cannot be shared by 3 ranks; sizes that can: \\[1, 2, 4\\]"):
+        BatchPlan.for_rank(4, 0, 3)
 
 
 def test_clean_only_samples_are_flagged_for_synthesis(package_photos, tmp_path):

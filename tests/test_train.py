@@ -100,7 +100,7 @@ def test_stage1_products_feed_stage2_which_resumes_exactly(shards, tmp_path, mon
                         s1.optimizer, prompt_lr=1e-3, restorer_steps=2, prompt_steps=2)
     tracker1 = FolderTracker(tmp_path / "stage1")
     state = run_training(stage1, s1, LocalReporter(tmp_path / "ck1"), tracker1, 0, 1, cpu)
-    assert state.step == 4 and state.micro_batches == 4
+    assert state.step == 4 and state.samples == 16 and state.global_batch == 4
     assert [s for s, _ in tracker1.metrics["lr/restorers"]] == [1, 2, 3, 4]
     assert tracker1.metrics["lr/restorers"][-1][1] == 0.0 and tracker1.metrics["lr/prompts"][0][1] == 0.0
     assert "val/gaussian_noise/psnr_out" in tracker1.metrics and "val/tier_accuracy" in tracker1.metrics

@@ -1,12 +1,14 @@
 """The training data path: WebDataset shards over fsspec -> aligned random crops -> batches.
 
 Guarantees the training loop relies on:
-- every rank gets exactly ``batches_per_rank`` batches per epoch, whatever the shard sizes
-  (each loader worker draws from an endless shard stream and stops at its fixed share), so
-  uneven shards never leave one rank waiting in a collective;
-- the stream is a function of (seed, epoch, rank, worker): reproducible;
+- an epoch is a fixed number of global batches, each cut into micro-batch slots (see
+  ``BatchPlan``); every rank gets exactly its slots of every step, whatever the shard sizes
+  (each lane draws from an endless shard stream), so uneven shards never leave one rank waiting
+  in a collective;
+- the stream is a function of (seed, epoch, slot, lane) and never of the number of ranks: a run
+  resized between steps sees the same samples at the same steps, none twice, none skipped;
 - a corrupt shard or sample is skipped, never fatal; each batch carries ``skipped``, the
-  number of samples its worker dropped since its previous batch, for the loop to log.
+  number of samples its lane dropped since its previous batch, for the loop to log.
 
 Source mixture (``weighting``): ``replicate`` (the paper's resampling ratios) treats each
 source's ``weight`` as a replication factor of its dataset, so its share of the samples is
@@ -17,10 +19,10 @@ Every sample carries ``clean_id``, the identity of its clean source image (see
 ``clean_identity``): the medium tier's folds hang on it, never on the key of a degraded
 version or a tile.
 
-Shard order: with ``resample: true`` (training) every (rank, worker) draws shards at random,
-weighted by their sample counts, so small shards are not over-sampled; with
-``resample: false`` shards are partitioned across ranks, then workers, and visited in a
-seeded order, cycling when a partition runs out before its share of batches.
+Shard order: with ``resample: true`` (training) every lane draws shards at random, weighted by
+their sample counts, so small shards are not over-sampled; with ``resample: false`` shards are
+partitioned across the lanes and visited in a seeded order, cycling when a partition runs out
+before its share of batches.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class ShardSourceConfig:
 class LoaderConfig:
     sources: list[ShardSourceConfig]
     patch_size: int = 256
-    batch_size: int = 8  # per rank
+    batch_size: int = 8  # per micro-batch (one per rank and step, or several under accumulation)
     samples_per_epoch: int = 1024  # over all ranks
     num_workers: int = 2
     shuffle_buffer: int = 128
@@ -216,74 +218,96 @@ def _image_fields(sample: dict) -> tuple[Optional[bytes], Optional[bytes]]:
     return gt, lq
 
 
-class ShardStream(IterableDataset):
-    """Batches of aligned random crops from a weighted mixture of shard sets."""
+@dataclass(frozen=True)
+class BatchPlan:
+    """How each global batch is cut, and which part of it this rank makes.
 
-    def __init__(self, cfg: LoaderConfig, rank: Optional[int] = None, world_size: Optional[int] = None):
+    A global batch is ``slots`` micro-batches of ``LoaderConfig.batch_size`` samples; slot ``k`` of
+    step ``s`` is the same samples whatever the number of ranks, because it is drawn from lane
+    ``(k, s mod loader workers)``, a stream seeded by ``(seed, epoch, k, lane)`` alone. A rank takes
+    ``per_rank`` consecutive slots from ``first_slot`` (its gradient-accumulation micro-batches), so
+    a run resized from 2 ranks to 1 (and back) trains on exactly the same global batches, in order.
+    """
+
+    slots: int = 1
+    first_slot: int = 0
+    per_rank: int = 1
+
+    @classmethod
+    def for_rank(cls, slots: int, rank: int, world_size: int) -> "BatchPlan":
+        if world_size < 1 or slots % world_size:
+            raise ValueError(f"{slots} micro-batches per global batch cannot be shared by {world_size} ranks; "
+                             f"sizes that can: {divisors(slots)}")
+        per_rank = slots // world_size
+        return cls(slots, rank * per_rank, per_rank)
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+class ShardStream(IterableDataset):
+    """Batches of aligned random crops from a weighted mixture of shard sets: this rank's slots of
+    every global batch of one epoch (see :class:`BatchPlan`)."""
+
+    def __init__(self, cfg: LoaderConfig, rank: Optional[int] = None, world_size: Optional[int] = None,
+                 plan: Optional[BatchPlan] = None):
         super().__init__()
-        if rank is None or world_size is None:
-            rank, world_size = _dist_rank_world()
-        self.cfg = cfg
-        self.rank, self.world_size = rank, world_size
+        if plan is None:
+            if rank is None or world_size is None:
+                rank, world_size = _dist_rank_world()
+            plan = BatchPlan.for_rank(world_size, rank, world_size)  # one micro-batch per rank and step
+        self.cfg, self.plan = cfg, plan
         self.epoch = 0
-        self.start_batch = 0
+        self.start_step = 0
         self.sources = [resolve_source(s, cfg.storage_options) for s in cfg.sources]
         self.probs = np.array(_shares(self.sources, cfg.weighting))
-        self.batches_per_rank = cfg.samples_per_epoch // (world_size * cfg.batch_size)
-        if self.batches_per_rank == 0:
+        self.lanes_per_slot = max(1, cfg.num_workers)
+        self.steps_per_epoch = cfg.samples_per_epoch // (plan.slots * cfg.batch_size)
+        if self.steps_per_epoch == 0:
             raise ValueError(
-                f"samples_per_epoch {cfg.samples_per_epoch} is less than one batch of {cfg.batch_size} "
-                f"on each of {world_size} ranks"
+                f"samples_per_epoch {cfg.samples_per_epoch} is less than one global batch of "
+                f"{plan.slots} x {cfg.batch_size} samples"
             )
         if not cfg.resample:
-            parts = world_size * max(1, cfg.num_workers)
+            lanes = plan.slots * self.lanes_per_slot
             for s in self.sources:
-                if len(s.urls) < parts:
+                if len(s.urls) < lanes:
                     raise ValueError(
                         f"source '{s.name}' has {len(s.urls)} shards, too few to partition over "
-                        f"{world_size} ranks x {max(1, cfg.num_workers)} workers; set resample: true"
+                        f"{plan.slots} micro-batches x {self.lanes_per_slot} loader workers; set resample: true"
                     )
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch, and where in it to start (to resume mid-epoch exactly)."""
-        if not 0 <= start_batch <= self.batches_per_rank:
-            raise ValueError(f"start_batch {start_batch} outside the epoch's {self.batches_per_rank} batches")
+    @property
+    def batches_per_rank(self) -> int:
+        return self.steps_per_epoch * self.plan.per_rank
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select the epoch, and the step in it to start from (to resume mid-epoch exactly)."""
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start step {start_step} outside the epoch's {self.steps_per_epoch} steps")
         self.epoch = epoch
-        self.start_batch = start_batch
+        self.start_step = start_step
 
     def __len__(self) -> int:
-        return self.batches_per_rank - self.start_batch
+        return (self.steps_per_epoch - self.start_step) * self.plan.per_rank
 
-    def _worker_share(self) -> tuple[int, int, int, int]:
-        """(worker, workers, batches it makes, leading batches it discards to resume).
-
-        The DataLoader takes batches from its workers in turn, starting with worker 0, so
-        batch i of the epoch comes from worker i % workers and a resume point must be a
-        multiple of the worker count (``build_loader`` drops the remainder itself)."""
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-
-        def count(n: int) -> int:
-            return n // workers + (1 if worker < n % workers else 0)
-
-        return worker, workers, count(self.batches_per_rank), count(self.start_batch)
-
-    def _shard_sequence(self, src: _ResolvedSource, rng: np.random.Generator, worker: int, workers: int) -> Iterator[str]:
+    def _shard_sequence(self, src: _ResolvedSource, rng: np.random.Generator, lane: int, lanes: int) -> Iterator[str]:
         if self.cfg.resample:
             p = np.asarray(src.counts, dtype=np.float64)
             p /= p.sum()
             while True:
                 yield src.urls[rng.choice(len(src.urls), p=p)]
-        mine = src.urls[self.rank :: self.world_size][worker::workers]
+        mine = src.urls[lane::lanes]
         while True:
             for i in rng.permutation(len(mine)):
                 yield mine[i]
 
-    def _samples(self, src: _ResolvedSource, rng: np.random.Generator, worker: int, workers: int,
+    def _samples(self, src: _ResolvedSource, rng: np.random.Generator, lane: int, lanes: int,
                  skips: _SkipCounter) -> Iterator[dict]:
         """Endless crops from one source; fails clearly if the source has nothing usable."""
         barren = 0
-        for url in self._shard_sequence(src, rng, worker, workers):
+        for url in self._shard_sequence(src, rng, lane, lanes):
             produced = 0
             try:
                 stream = open_url(url, "rb", self.cfg.storage_options)
@@ -345,16 +369,13 @@ class ShardStream(IterableDataset):
         out["clean_id"] = clean_identity(meta, key)
         return out
 
-    def __iter__(self) -> Iterator[dict]:
-        worker, workers, share, discard = self._worker_share()
-        if get_worker_info() is not None:
-            torch.set_num_threads(1)  # loader workers share the host's cores with the trainer
-        rng = np.random.default_rng([self.cfg.seed, self.epoch, self.rank, worker])
-        skips = _SkipCounter()
-        streams = [self._samples(s, rng, worker, workers, skips) for s in self.sources]
+    def _lane(self, slot: int, lane: int, skips: _SkipCounter) -> Iterator[list[dict]]:
+        """The micro-batches of slot ``slot`` at the steps ``s`` with ``s % lanes_per_slot == lane``."""
+        rng = np.random.default_rng([self.cfg.seed, self.epoch, slot, lane])
+        lane_id, lanes = slot * self.lanes_per_slot + lane, self.plan.slots * self.lanes_per_slot
+        streams = [self._samples(s, rng, lane_id, lanes, skips) for s in self.sources]
         buffer: list[dict] = []
-        reported = 0
-        for n in range(share):
+        while True:
             batch = []
             while len(batch) < self.cfg.batch_size:
                 while len(buffer) < self.cfg.shuffle_buffer:
@@ -362,10 +383,32 @@ class ShardStream(IterableDataset):
                 i = int(rng.integers(len(buffer)))
                 buffer[i], buffer[-1] = buffer[-1], buffer[i]
                 batch.append(buffer.pop())
-            if n < discard:
-                continue  # replayed only to restore the stream's state; already trained on
-            yield _collate(batch, skips.count - reported)
-            reported = skips.count
+            yield batch
+
+    def __iter__(self) -> Iterator[dict]:
+        # The DataLoader takes batch i of this launch from worker i % workers; all the batches of
+        # one lane then fall to one worker, which replays the lane up to the resume point.
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if info is not None:
+            torch.set_num_threads(1)  # loader workers share the host's cores with the trainer
+        skips = _SkipCounter()
+        lanes: dict[tuple[int, int], Iterator[list[dict]]] = {}
+        reported = 0
+        i = -1
+        for step in range(self.start_step, self.steps_per_epoch):
+            for k in range(self.plan.per_rank):
+                i += 1
+                if i % workers != worker:
+                    continue
+                key = (self.plan.first_slot + k, step % self.lanes_per_slot)
+                if key not in lanes:
+                    lanes[key] = self._lane(*key, skips)
+                    for _ in range(step // self.lanes_per_slot):
+                        next(lanes[key])  # trained on before the resume point: replayed, not yielded
+                    reported = skips.count  # and their bad samples were counted then
+                yield _collate(next(lanes[key]), skips.count - reported)
+                reported = skips.count
 
 
 def _collate(samples: list[dict], skipped: int) -> dict:
@@ -406,10 +449,7 @@ def _dist_rank_world() -> tuple[int, int]:
 class EpochLoader:
     """One epoch of ready batches from a :class:`ShardStream`, optionally resumed mid-epoch."""
 
-    def __init__(self, stream: ShardStream, num_workers: int, start_batch: int) -> None:
-        workers = max(1, num_workers)
-        self.drop = start_batch % workers  # batches between the aligned resume point and start_batch
-        stream.set_epoch(stream.epoch, start_batch - self.drop)
+    def __init__(self, stream: ShardStream, num_workers: int) -> None:
         self.stream = stream
         self.loader = DataLoader(
             stream,
@@ -420,21 +460,20 @@ class EpochLoader:
         )
 
     def __len__(self) -> int:
-        return len(self.stream) - self.drop
+        return len(self.stream)
 
     def __iter__(self) -> Iterator[dict]:
-        for i, batch in enumerate(self.loader):
-            if i >= self.drop:
-                yield _to_float(batch)
+        for batch in self.loader:
+            yield _to_float(batch)
 
 
 def build_loader(cfg: LoaderConfig, rank: Optional[int] = None, world_size: Optional[int] = None,
-                 epoch: int = 0, start_batch: int = 0) -> EpochLoader:
-    """The batches of one epoch for this rank.
+                 epoch: int = 0, start_step: int = 0, plan: Optional[BatchPlan] = None) -> EpochLoader:
+    """This rank's batches of one epoch: ``plan.per_rank`` micro-batches per step (one per rank
+    without a plan).
 
-    ``start_batch`` resumes inside an epoch: the batches before it are regenerated and
-    dropped, so the rest of the epoch is exactly what an uninterrupted run would see."""
-    stream = ShardStream(cfg, rank, world_size)
-    stream.set_epoch(epoch)
-    return EpochLoader(stream, cfg.num_workers, start_batch)
-
+    ``start_step`` resumes inside an epoch: the batches before it are regenerated and dropped, so
+    the rest of the epoch is exactly what an uninterrupted run would see, at any number of ranks."""
+    stream = ShardStream(cfg, rank, world_size, plan)
+    stream.set_epoch(epoch, start_step)
+    return EpochLoader(stream, cfg.num_workers)

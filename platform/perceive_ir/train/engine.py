@@ -30,7 +30,9 @@ def resolve_precision(cfg: EngineConfig, device: torch.device) -> str:
     return "fp32"  # DeepSpeed's CPU path has no fp16, and bf16 matmuls are slow on most CPUs
 
 
-def deepspeed_settings(cfg: EngineConfig, micro_batch: int, world_size: int, device: torch.device) -> dict[str, Any]:
+def deepspeed_settings(cfg: EngineConfig, micro_batch: int, world_size: int, device: torch.device,
+                       accumulation: int | None = None) -> dict[str, Any]:
+    """``accumulation``: micro-batches per rank and step (default: ``cfg.gradient_accumulation_steps``)."""
     path = Path(cfg.deepspeed_config)
     if not path.is_file():
         raise ConfigError(f"DeepSpeed config file '{path}' (from 'engine.deepspeed_config', "
@@ -39,7 +41,7 @@ def deepspeed_settings(cfg: EngineConfig, micro_batch: int, world_size: int, dev
         settings = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"DeepSpeed config file '{path}' is not valid JSON: {err}") from None
-    accumulation = cfg.gradient_accumulation_steps
+    accumulation = accumulation or cfg.gradient_accumulation_steps
     settings.update(
         train_micro_batch_size_per_gpu=micro_batch,
         gradient_accumulation_steps=accumulation,
@@ -58,7 +60,8 @@ def deepspeed_settings(cfg: EngineConfig, micro_batch: int, world_size: int, dev
     if world_size == 1 and not bf16 and zero.get("stage", 0) > 0:
         # One rank has nothing to partition, and ZeRO's per-parameter gradient bookkeeping costs
         # several percent of a small model's step. (In bf16, stage 0 would accumulate gradients in
-        # bf16, so it keeps its stage.) Checkpoints are only resumed with the same world size.
+        # bf16, so it keeps its stage.) A resize resumes through the portable optimizer state,
+        # which does not depend on the stage.
         log.info("one worker in fp32: ZeRO stage %d -> 0 (nothing to partition)", zero["stage"])
         zero["stage"] = 0
     settings.setdefault("steps_per_print", 1 << 30)

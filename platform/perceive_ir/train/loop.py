@@ -13,6 +13,7 @@ the fixed held-out set and gives every rank the same number (see :class:`ProbeSe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -22,19 +23,20 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Protocol
+from typing import Any, Callable, ContextManager, Optional, Protocol
 
 import numpy as np
 import torch
 
-from perceive_ir.data.pipeline import LoaderConfig, build_loader
+from perceive_ir.data.pipeline import BatchPlan, LoaderConfig, ShardStream, build_loader
 from perceive_ir.degrade import DegradationConfig, Degrader
 from perceive_ir.eval.grid import save_grid
 from perceive_ir.eval.validation import HeldOutSet, ValidationConfig, mean_psnr
 from perceive_ir.train.checkpoint_index import Candidate, Selection, select_checkpoint, write_index
 from perceive_ir.train.config import EngineConfig, LoopConfig, OptimizerConfig
 from perceive_ir.train.engine import build_engine, deepspeed_settings, resolve_precision
-from perceive_ir.train.state import CHECKPOINT_TAG, TrainState, load_state, save_state
+from perceive_ir.train.elastic import has_portable_optimizer, load_portable_optimizer, resize_tag, save_portable_optimizer
+from perceive_ir.train.state import CHECKPOINT_TAG, TrainState, load_state, read_state, save_state
 from perceive_ir.train.steps import DegradedBatch, synthesize
 from perceive_ir.weights import weight_identities
 
@@ -51,6 +53,12 @@ class TrainingSettings:
     loop: LoopConfig
     optimizer: OptimizerConfig
     engine: EngineConfig
+    # micro-batches per optimiser step, fixed for the run (see train.elastic); None: the launch's
+    # world size x engine.gradient_accumulation_steps
+    global_micro_batches: Optional[int] = None
+    # save the size-independent optimizer state with every checkpoint, so a launch at another
+    # world size resumes it (elastic runs)
+    portable_optimizer: bool = False
 
 
 class Reporter(Protocol):
@@ -69,6 +77,8 @@ class Tracker(Protocol):
     def log_file(self, path: str | Path, artifact_path: str | None = None) -> None: ...
 
     def log_folder(self, path: str | Path, artifact_path: str) -> None: ...
+
+    def set_tags(self, tags: dict[str, str]) -> None: ...
 
 
 class LocalReporter:
@@ -129,24 +139,27 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
     """Train until ``loop.last_step``; returns the final state. ``task`` is a stage task
     (``perceive_ir.train.tasks``)."""
     cfg = settings.loop
-    ds_settings = deepspeed_settings(settings.engine, settings.loader.batch_size, world_size, device)
+    slots = settings.global_micro_batches or world_size * settings.engine.gradient_accumulation_steps
+    plan = BatchPlan.for_rank(slots, rank, world_size)
+    accumulation = plan.per_rank
+    samples_per_step = slots * settings.loader.batch_size  # the global batch
+    ds_settings = deepspeed_settings(settings.engine, settings.loader.batch_size, world_size, device, accumulation)
     dtype = torch.bfloat16 if resolve_precision(settings.engine, device) == "bf16" else torch.float32
     _seed_everything(cfg.seed * 1000 + rank)
     engine, scheduler = build_engine(task.model.to(device), task.param_groups(), task.schedule_factors(),
                                      settings.optimizer, ds_settings)
-    state = TrainState(world_size=world_size)
+    state = TrainState(world_size=world_size, global_batch=samples_per_step)
     with reporter.latest() as selection:
         checkpoint = selection.directory
         if checkpoint is not None:
-            path, _ = engine.load_checkpoint(checkpoint, tag=CHECKPOINT_TAG, load_module_strict=True)
-            if path is None:
-                raise FileNotFoundError(f"checkpoint '{checkpoint}' has no DeepSpeed state under '{CHECKPOINT_TAG}'")
+            saved = _resume(engine, scheduler, checkpoint, world_size, samples_per_step)
             state = load_state(checkpoint, rank, world_size)
-            log.info("rank %d resumed at step %d from %s", rank, state.step, checkpoint)
-    resumed_from = state.step
-    if tracker is not None and checkpoint is not None:
-        tracker.log_metrics({"resumed_from_step": float(resumed_from),
-                             "checkpoint/broken_skipped": float(len(selection.rejected))}, step=state.step)
+            log.info("rank %d resumed at step %d from %s (written by %d workers)", rank, state.step, checkpoint,
+                     saved.world_size)
+    previous = dataclasses.replace(state)
+    state.world_size, state.global_batch, state.preempted = world_size, samples_per_step, False
+    if tracker is not None:
+        _log_launch(tracker, previous, state, checkpoint is not None, accumulation, len(selection.rejected))
     if tracker is not None:
         _log_weight_identities(task.model, tracker)
 
@@ -156,51 +169,61 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
         held_out = HeldOutSet(settings.validation, settings.loader.sources[0].location,
                               settings.loader.storage_options).to(device)
     probe = ProbeSet(held_out, world_size)
-    batches_per_epoch = len(build_loader(settings.loader, rank, world_size))
-    accumulation = settings.engine.gradient_accumulation_steps
-    samples_per_step = settings.loader.batch_size * accumulation * world_size
+    steps_per_epoch = ShardStream(settings.loader, plan=plan).steps_per_epoch
     last = cfg.last_step
     window: dict[str, Any] = {"terms": {}, "count": 0, "skipped": 0, "steps": 0, "start": time.perf_counter()}
     saved_at = -1
     preemption = {"notice": False}
+    restart = {"since": previous.saved_unix if checkpoint is not None and previous.saved_unix > 0 else None}
 
-    def checkpoint_now(metrics: dict[str, Any]) -> None:
+    def checkpoint_now(metrics: dict[str, Any], preempted: bool = False) -> None:
         nonlocal saved_at
         with tempfile.TemporaryDirectory(prefix="ckpt-") as directory:
             engine.save_checkpoint(directory, tag=CHECKPOINT_TAG)
+            if settings.portable_optimizer:
+                save_portable_optimizer(engine, directory, rank)
+            state.preempted, state.saved_unix = preempted, time.time()
             save_state(directory, state, rank)
             write_index(directory, rank, world_size, state.step)  # last: its presence means complete
             reporter.report({"step": state.step, **metrics}, directory)
         saved_at = state.step
 
     def log_window() -> dict[str, float]:
-        skipped = torch.tensor([float(window["skipped"])])
+        # Means over the global batches of the window (every rank's micro-batches), so a run logs the
+        # same losses at any world size; one collective on the training device per logged step.
+        names = sorted(window["terms"])
+        totals = torch.stack([torch.as_tensor(window["terms"][k], device=device).float().reshape(()) for k in names]
+                             + [torch.tensor(float(window["count"]), device=device),
+                                torch.tensor(float(window["skipped"]), device=device)])
         if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(skipped)
+            torch.distributed.all_reduce(totals)
+        values = totals.tolist()
+        count, skipped = max(values[-2], 1.0), values[-1]
         elapsed = max(time.perf_counter() - window["start"], 1e-9)
-        metrics = {f"train/{k}": float(v) / max(window["count"], 1) for k, v in window["terms"].items()}
+        metrics = {f"train/{k}": v / count for k, v in zip(names, values)}
         metrics.update(_lr_metrics(scheduler, task.group_names))
         metrics["samples_per_s"] = window["steps"] * samples_per_step / elapsed
-        metrics["skipped_samples"] = float(skipped.item())
+        metrics["skipped_samples"] = skipped
         metrics.update(task.live_metrics())
         window.update(terms={}, count=0, skipped=0, steps=0, start=time.perf_counter())
         return metrics
 
     engine.train()
+    micro_batches = 0
     while state.step < last:
-        epoch, start = divmod(state.micro_batches, batches_per_epoch)
+        epoch, start = divmod(state.step, steps_per_epoch)
         task.on_epoch_start(engine, epoch, probe, resumed_mid_epoch=start > 0)
-        for batch in build_loader(settings.loader, rank, world_size, epoch, start):
+        for batch in build_loader(settings.loader, epoch=epoch, start_step=start, plan=plan):
             window["skipped"] += int(batch["skipped"])
             degraded: DegradedBatch = synthesize(degrader, batch, epoch, device, dtype)
             terms = task.compute(engine, degraded, state.step)
             engine.backward(terms["total"])
             engine.step()
-            state.micro_batches += 1
+            micro_batches += 1
             for k, v in terms.items():  # summed on the device: no host sync per step
                 window["terms"][k] = window["terms"].get(k, 0.0) + v.detach().float()
             window["count"] += 1
-            if state.micro_batches % accumulation:
+            if micro_batches % accumulation:
                 continue
             state.step += 1
             state.samples += samples_per_step
@@ -211,16 +234,21 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
                 metrics = log_window()
                 if tracker is not None:
                     tracker.log_metrics(metrics, step=state.step)
+            if restart["since"] is not None and tracker is not None:  # the first step after a resume
+                tracker.log_metrics({"elastic/restart_lost_s": time.time() - restart["since"]}, step=state.step)
+            restart["since"] = None
             validation: dict[str, float] = {}
             if state.step % cfg.val_every == 0 or state.step == cfg.max_steps:
                 state.validations += 1
                 if rank == 0:
                     validation = _validate(task, engine, held_out, tracker, state, cfg)
-            if (state.step % cfg.checkpoint_every == 0 or state.step == last
-                    or _preemption_announced(reporter, cfg, state.step, preemption)):
+            scheduled = state.step % cfg.checkpoint_every == 0 or state.step == last
+            preempted = not scheduled and _preemption_announced(reporter, cfg, state.step, preemption)
+            if scheduled or preempted:
                 # the validation of this step travels with the checkpoint's report (a search's scheduler
                 # reads it there, not back from the tracking store)
-                checkpoint_now({**{k: v for k, v in metrics.items() if k.startswith("train/")}, **validation})
+                checkpoint_now({**{k: v for k, v in metrics.items() if k.startswith("train/")}, **validation},
+                               preempted)
             if state.step >= last:
                 break
     if saved_at != state.step:  # relaunched at the end: nothing trained, report for symmetry
@@ -232,6 +260,43 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
                 for name, path in products.items():
                     tracker.log_folder(path, name)
     return state
+
+
+def _resume(engine, scheduler, checkpoint: str, world_size: int, global_batch: int) -> TrainState:
+    """Load ``checkpoint`` into the engine; at another world size through the portable optimizer state."""
+    saved = read_state(checkpoint)
+    if saved.global_batch and saved.global_batch != global_batch:
+        raise ValueError(f"checkpoint '{checkpoint}' was trained with a global batch of {saved.global_batch} "
+                         f"samples, this launch makes {global_batch}: resuming would change the experiment")
+    if saved.world_size == world_size:
+        path, _ = engine.load_checkpoint(checkpoint, tag=CHECKPOINT_TAG, load_module_strict=True)
+        if path is None:
+            raise FileNotFoundError(f"checkpoint '{checkpoint}' has no DeepSpeed state under '{CHECKPOINT_TAG}'")
+        return saved
+    if not has_portable_optimizer(checkpoint):
+        raise ValueError(f"checkpoint '{checkpoint}' was written by {saved.world_size} workers without a portable "
+                         f"optimizer state, and DeepSpeed's sharded state needs the same number (got {world_size}); "
+                         "give ray.num_workers a [min, max] range to write resizable checkpoints")
+    path, _ = engine.load_checkpoint(checkpoint, tag=CHECKPOINT_TAG, load_module_strict=True,
+                                     load_module_only=True)
+    if path is None:
+        raise FileNotFoundError(f"checkpoint '{checkpoint}' has no DeepSpeed state under '{CHECKPOINT_TAG}'")
+    load_portable_optimizer(engine, scheduler, checkpoint, saved.step)
+    return saved
+
+
+def _log_launch(tracker: Tracker, previous: TrainState, state: TrainState, resumed: bool, accumulation: int,
+                broken_skipped: int) -> None:
+    """Where this launch starts, at how many workers; a tag when that number changed."""
+    metrics = {"train/world_size": float(state.world_size), "train/global_batch": float(state.global_batch),
+               "train/accumulation": float(accumulation)}
+    if resumed:
+        metrics.update({"resumed_from_step": float(state.step), "checkpoint/broken_skipped": float(broken_skipped)})
+    tracker.log_metrics(metrics, step=state.step)
+    if resumed and previous.world_size != state.world_size:
+        key, value = resize_tag(previous.world_size, state.world_size, state.step, previous.preempted)
+        log.warning("resized: %s", value)
+        tracker.set_tags({key: value})
 
 
 def _validate(task, engine, held_out: HeldOutSet, tracker: Tracker | None, state: TrainState,

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["TrainState", "save_state", "load_state", "CHECKPOINT_TAG"]
+__all__ = ["TrainState", "save_state", "load_state", "read_state", "CHECKPOINT_TAG"]
 
 CHECKPOINT_TAG = "checkpoint"  # DeepSpeed's sub-folder inside each reported checkpoint
 STATE_FILE = "trainer_state.json"
@@ -23,11 +23,13 @@ STATE_FILE = "trainer_state.json"
 
 @dataclass
 class TrainState:
-    step: int = 0  # optimiser steps done
-    micro_batches: int = 0  # batches consumed by this rank (the data position)
+    step: int = 0  # optimiser steps done: with the global batch, also the data position
     samples: int = 0  # over all ranks
     validations: int = 0
-    world_size: int = 1
+    world_size: int = 1  # of the launch that wrote the checkpoint
+    global_batch: int = 0  # samples per optimiser step (0: a checkpoint older than the field)
+    preempted: bool = False  # written because a node announced its reclaim
+    saved_unix: float = 0.0  # when the checkpoint was written (the time lost to a restart starts here)
 
 
 def _rng_tensors() -> tuple[dict[str, torch.Tensor], dict]:
@@ -63,19 +65,24 @@ def save_state(directory: str | Path, state: TrainState, rank: int) -> None:
     (directory / f"rng_rank{rank}.json").write_text(json.dumps(extra))
 
 
-def load_state(directory: str | Path, rank: int, world_size: int) -> TrainState:
-    """Counters and this rank's random state; fails clearly on a foreign or partial checkpoint."""
-    from safetensors.torch import load_file
-
+def read_state(directory: str | Path) -> TrainState:
+    """The counters of a checkpoint; fails clearly on a foreign or partial checkpoint."""
     directory = Path(directory)
     path = directory / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{directory}' has no {STATE_FILE}: not a checkpoint of this trainer")
-    state = TrainState(**json.loads(path.read_text()))
-    if state.world_size != world_size:
-        raise ValueError(f"checkpoint '{directory}' was written by {state.world_size} workers; "
-                         f"DeepSpeed's sharded state needs the same number, got {world_size}")
+    known = set(TrainState.__dataclass_fields__)
+    return TrainState(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
+
+
+def load_state(directory: str | Path, rank: int, world_size: int) -> TrainState:
+    """Counters, and this rank's random state when the checkpoint was written by as many ranks
+    (after a resize the ranks hold other slices of the work: their generators start afresh)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    state = read_state(directory)
     rng_file = directory / f"rng_rank{rank}.safetensors"
-    if rng_file.is_file():
+    if state.world_size == world_size and rng_file.is_file():
         _set_rng(load_file(str(rng_file)), json.loads((directory / f"rng_rank{rank}.json").read_text()))
     return state
