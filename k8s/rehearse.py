@@ -44,7 +44,8 @@ from rehearsal.manifests import Manifests, ServiceMap, render  # noqa: E402
 from rehearsal.pods import PodSet, python_bin  # noqa: E402
 from rehearsal.ray_nodes import RayCluster  # noqa: E402
 from rehearsal.services import start_container, start_postgres  # noqa: E402
-from rehearsal.storage import bucket_names, complete_checkpoints, s3_client, upload_folder  # noqa: E402
+from rehearsal.storage import (  # noqa: E402
+    bucket_names, checkpoint_world_sizes, complete_checkpoints, s3_client, upload_folder)
 from rehearsal.submitter import run_rayjob  # noqa: E402
 
 CLUSTER = "perceive-ir"
@@ -123,7 +124,8 @@ def rehearse(args: argparse.Namespace, root: Path, pods: PodSet, report: dict) -
     head_env = manifests.environment(cluster.groups[0].container, "RayCluster/head")
     submitter_env = {k: services.translate(v) for k, v in head_env.items()}
     # Two complete checkpoints: the first is then reported to Ray Train, which resumes from reported ones only.
-    loss = NodeLoss(cluster, lambda: complete_checkpoints(s3, RUNS_BUCKET, f"ray/{STAGE2_JOB}/", ranks=2) >= 2)
+    loss = NodeLoss(cluster, lambda: complete_checkpoints(s3, RUNS_BUCKET, f"ray/{STAGE2_JOB}/", ranks=2) >= 2,
+                    lambda: 1 in checkpoint_world_sizes(s3, RUNS_BUCKET, f"ray/{STAGE2_JOB}/"))
     for rayjob in job_order(manifests):
         name = rayjob["metadata"]["name"]
         run = run_rayjob(pods, services, rayjob, CLUSTER, image, submitter_env, args.job_timeout,
@@ -134,7 +136,9 @@ def rehearse(args: argparse.Namespace, root: Path, pods: PodSet, report: dict) -
             print(run.log.read_text(errors="replace")[-6000:], file=sys.stderr)
             raise RuntimeError(f"RayJob {name} ended {run.status}")
     report["node_loss"] = {"placement": loss.placement, "lost": loss.lost, "replacement": loss.replacement,
-                           "seconds_to_replace": round(loss.seconds_to_replace, 1)}
+                           "seconds_to_shrink": round(loss.seconds_to_shrink, 1),
+                           "seconds_to_replace": round(loss.seconds_to_replace, 1),
+                           "checkpoint_world_sizes": checkpoint_world_sizes(s3, RUNS_BUCKET, f"ray/{STAGE2_JOB}/")}
     t = time.perf_counter()
     mlflow_uri = f"http://127.0.0.1:{services.local('mlflow', 5000)}"
     report["checks"] = check_run(cluster, s3, mlflow_uri, STAGE2_JOB, RUNS_BUCKET, loss)

@@ -97,8 +97,9 @@ def main(spec_file: Path) -> None:
         engine=EngineConfig(deepspeed_config=str(REPO / "configs/deepspeed/zero1.json"), zero_stage=spec["zero"]),
         global_micro_batches=spec["slots"], portable_optimizer=True,
     )
-    # L_cl's negatives from the micro-batch itself: the same set at every world size (see docs/elastic.md)
-    loss = from_dict(LossConfig, {"l1": 0.1, "l2": 0.05, "l3": 0.1, "contrast": {"name": "infonce", "params": {"gather": False}},
+    # L_cl's negatives: the step's global batch, gathered from the other ranks and, under
+    # accumulation, from this rank's other micro-batches
+    loss = from_dict(LossConfig, {"l1": 0.1, "l2": 0.05, "l3": 0.1,
                                   "perceptual": {"name": "difficulty_adaptive_perceptual", "params": {"vgg": TINY_VGG}}})
 
     class RecordingTask(Stage2Task):

@@ -281,3 +281,37 @@ def test_trial_functions_ask_for_a_resource_only_stable_nodes_offer():
         if doc["kind"] == "RayJob" and doc["metadata"]["name"] == "perceive-ir-tune":
             words = shlex.split(doc["spec"]["entrypoint"])
             assert "trial_driver_resources={stable_node: 0.01}" in words, path
+
+
+def _entrypoint_words(name: str) -> list[str]:
+    import shlex
+
+    return next(shlex.split(doc["spec"]["entrypoint"]) for _, doc in documents()
+                if doc["kind"] == "RayJob" and doc["metadata"]["name"] == name)
+
+
+def test_stage2_and_search_jobs_train_elastically_on_preemptible_gpu_nodes():
+    """The RayJobs' settings load (a worker range every size of which divides the global batch), and a
+    GPU pod told to go first announces its preemption to Ray, inside its grace period."""
+    from perceive_ir.config import load_config
+    from perceive_ir.orchestration.config import Stage2Config
+    from perceive_ir.search.config import plan_search
+
+    words = _entrypoint_words("perceive-ir-stage2")
+    settings = [w for w in words[2:] if "=" in w]
+    cfg = load_config(Stage2Config, REPO / words[words.index("--config") + 1], settings)
+    assert cfg.ray.elastic and cfg.data.train.batch_size * cfg.global_micro_batches == 8  # the paper's batch
+    words = _entrypoint_words("perceive-ir-tune")
+    plan = plan_search(REPO / words[words.index("--config") + 1], [w for w in words[2:] if "=" in w])
+    assert plan.base.ray.elastic and plan.base.ray.num_workers == cfg.ray.num_workers
+    for path, doc in documents():
+        if doc["kind"] != "RayCluster":
+            continue
+        gpu = next(g for g in doc["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu")
+        assert gpu["minReplicas"] == 0 or "rehearsal" in str(path), path  # the rehearsal fixes its pods
+        pod = gpu["template"]["spec"]
+        hook = " ".join(pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"])
+        assert "ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION" in hook, path
+        deadline = int(re.search(r"--deadline-remaining-seconds (\d+)", hook).group(1))
+        wait = int(re.search(r"sleep (\d+)", hook).group(1))
+        assert wait < deadline <= pod["terminationGracePeriodSeconds"], path

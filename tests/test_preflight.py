@@ -181,8 +181,11 @@ def test_a_relaunch_that_changes_what_the_checkpoints_rest_on_is_refused(launch_
     first = stage2(launch_dir, "name=relaunch-check")
     preflight("stage2", first, working_dir=REPO)  # no run of that name yet
     find_or_create_run(first.tracking, first.name, flatten(first), {}, "stage2")  # what launch() then does
-    preflight("stage2", stage2(launch_dir, "name=relaunch-check", "ray.num_workers=1", "loop.max_steps=900",
-                               "loop.val_every=50"), working_dir=REPO)
+    # fewer workers, the same global batch (2 micro-batches accumulated): the same experiment
+    preflight("stage2", stage2(launch_dir, "name=relaunch-check", "ray.num_workers=1", "engine.global_batch=8",
+                               "loop.max_steps=900", "loop.val_every=50"), working_dir=REPO)
+    with pytest.raises(PreflightError, match=r"engine.global_batch '8' -> '4'"):  # fewer workers, smaller batch
+        preflight("stage2", stage2(launch_dir, "name=relaunch-check", "ray.num_workers=1"), working_dir=REPO)
     changed = stage2(launch_dir, "name=relaunch-check", "loss.l3=0.1", "restorer.backbone.params.width=16")
     with pytest.raises(PreflightError, match=r"^'name': a run named 'relaunch-check' \(MLflow run \w+\) was started "
                                              r"with other settings \(loss.l3 '0.0' -> '0.1'; "

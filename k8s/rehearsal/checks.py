@@ -41,8 +41,12 @@ def _stage2_run(client, job_name: str) -> dict:
     last = max((m.step for key in run.data.metrics for m in client.get_metric_history(run.info.run_id, key)),
                default=-1)
     detail = {"status": run.info.status, "resumed_from_step": resumed, "last_logged_step": last, "max_steps": max_steps}
+    sizes = [int(m.value) for m in sorted(client.get_metric_history(run.info.run_id, "train/world_size"),
+                                          key=lambda m: (m.step, m.timestamp))]
+    changes = [size for i, size in enumerate(sizes) if i == 0 or size != sizes[i - 1]]
     return {"stage-2 run resumed and finished": _check(run.info.status == "FINISHED" and any(v > 0 for v in resumed)
-                                                        and last == max_steps, detail)}
+                                                        and last == max_steps, detail),
+            "stage-2 shrank at the node loss and grew back": _check(changes[:3] == [2, 1, 2], {"world_sizes": sizes})}
 
 
 def check_run(cluster, s3, mlflow_uri: str, stage2_job: str, runs_bucket: str, loss: NodeLoss) -> dict:

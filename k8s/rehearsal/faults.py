@@ -33,14 +33,17 @@ def product_cache_entries(pod: Pod) -> list[str]:
 @dataclass
 class NodeLoss:
     """Called while stage 2 runs: once ``checkpoint_written()`` says a checkpoint is reported, note where
-    the workers are, kill the raylet of a node that hosts one, and start a node again in its place."""
+    the workers are, kill the raylet of a node that hosts one; once ``shrunk()`` says the (elastic) run
+    checkpointed at fewer workers, start a node again in its place, for the run to grow back."""
 
     cluster: RayCluster
     checkpoint_written: Callable[[], bool]
+    shrunk: Callable[[], bool]
     timeout_s: float = 240.0
     placement: dict[str, str] = field(default_factory=dict)
     lost: str = ""
     replacement: str = ""
+    seconds_to_shrink: float = 0.0
     seconds_to_replace: float = 0.0
 
     def __call__(self, submitter: Pod, job_id: str) -> None:
@@ -56,6 +59,9 @@ class NodeLoss:
             victim.process.wait(timeout=60)
         except Exception:  # noqa: BLE001 - it did not notice: the kubelet's liveness probe would restart it
             pass
+        # a lost machine takes minutes to come back: the run goes on without it meanwhile
+        wait_until(self.shrunk, self.timeout_s, "stage 2 to go on at fewer workers", submitter)
+        self.seconds_to_shrink = time.perf_counter() - start
         new = self.cluster.replace(victim)
         self.replacement = f"{new.name} (pod folder {new.folder.name})"
         self.seconds_to_replace = time.perf_counter() - start

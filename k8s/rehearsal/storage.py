@@ -50,3 +50,18 @@ def complete_checkpoints(client, bucket: str, prefix: str, ranks: int) -> int:
             if folder is not None and parts[-1].startswith("index_rank"):
                 folders.setdefault("/".join(parts[:folder + 1]), set()).add(parts[-1])
     return sum(1 for indexes in folders.values() if len(indexes) >= ranks)
+
+
+def checkpoint_world_sizes(client, bucket: str, prefix: str) -> list[int]:
+    """The world size of every checkpoint under ``prefix`` (its ``trainer_state.json``), by step."""
+    import json
+
+    states = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            if obj["Key"].endswith("/trainer_state.json"):
+                try:
+                    states.append(json.loads(client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()))
+                except ValueError:
+                    continue
+    return [s["world_size"] for s in sorted(states, key=lambda s: s["step"])]

@@ -7,7 +7,10 @@ every sample in the global batch whose degradation type differs from sample i's:
     L_i = -log( exp(a_i . p_i / t) / (exp(a_i . p_i / t) + sum_{j: type_j != type_i} sum_{v in {a_j, p_j}} exp(a_i . v / t)) )
 
 Codes are L2-normalised. Under torch.distributed the keys are gathered from every rank; the
-local slice keeps its gradient.
+local slice keeps its gradient. Under gradient accumulation a forward holds one micro-batch of the
+step; the trainer then computes the codes of the step's whole global batch first (no gradient) and
+hands them over with :meth:`DegradationContrastLoss.use_step_keys`, so the negatives are the global
+batch's at every world size and accumulation, exactly as without accumulation.
 
 An anchor without a negative (no sample of another type in the global batch: a batch of one
 type) has nothing to contrast with: it is left out of the mean, and the loss returns the fraction
@@ -51,13 +54,27 @@ class DegradationContrastLoss(nn.Module):
     def __init__(self, cfg: ContrastConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg or ContrastConfig()
+        self._step_keys: tuple[torch.Tensor, torch.Tensor, torch.Tensor, slice] | None = None
+
+    def use_step_keys(self, anchors: torch.Tensor | None, positives: torch.Tensor | None = None,
+                      types: torch.Tensor | None = None, rows: slice | None = None) -> None:
+        """The codes of the step's global batch (detached; normalised here), and the rows of the
+        micro-batch the next forward gets (replaced by its live codes); ``None`` returns to gathering."""
+        if anchors is None:
+            self._step_keys = None
+            return
+        self._step_keys = (F.normalize(anchors, dim=-1), F.normalize(positives, dim=-1), types, rows)
 
     def forward(self, anchor: torch.Tensor, positive: torch.Tensor,
                 types: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``anchor``/``positive``: B x D codes; ``types``: B integer degradation labels.
         Returns (loss, fraction of anchors without a negative (detached))."""
         anchor, positive = F.normalize(anchor, dim=-1), F.normalize(positive, dim=-1)
-        if self.cfg.gather:
+        if self._step_keys is not None:
+            step_anchor, step_positive, all_types, rows = self._step_keys
+            all_anchor = torch.cat([step_anchor[: rows.start], anchor, step_anchor[rows.stop:]])
+            all_positive = torch.cat([step_positive[: rows.start], positive, step_positive[rows.stop:]])
+        elif self.cfg.gather:
             all_anchor, all_positive = gather_with_grad(anchor), gather_with_grad(positive)
             all_types = gather_with_grad(types)
         else:

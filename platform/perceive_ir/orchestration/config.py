@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 from perceive_ir.config import to_dict
 from perceive_ir.data.pipeline import LoaderConfig
@@ -15,6 +15,7 @@ from perceive_ir.losses import LossConfig
 from perceive_ir.models import PerceiverConfig, RestorerConfig
 from perceive_ir.tracking import TrackingConfig
 from perceive_ir.train.config import EngineConfig, LoopConfig, OptimizerConfig
+from perceive_ir.train.elastic import check_sizes, global_micro_batches
 
 __all__ = ["RaySettings", "RunStorageConfig", "DataSection", "JobConfig", "Stage1Config", "Stage2Config",
            "path_settings", "is_local_path", "set_setting"]
@@ -23,7 +24,14 @@ __all__ = ["RaySettings", "RunStorageConfig", "DataSection", "JobConfig", "Stage
 @dataclass
 class RaySettings:
     address: Optional[str] = None  # None: the cluster of a submitted job, else a new local Ray
-    num_workers: int = 2
+    # an int: that many workers; [min, max]: elastic, as many as the cluster gives (at least min),
+    # shrinking when workers are lost and growing back when resources return
+    num_workers: Union[int, tuple[int, int]] = 2
+    resize_check_s: float = 60.0  # elastic: how often a healthy run looks for room to grow
+    # How long a new worker group may take to start (Ray's default: 60 s). After a node loss, Ray's
+    # view of the cluster can still hold the lost node for up to about 20 s; a start that asked for
+    # its slots waits this long before the group is retried at the size that fits.
+    worker_start_timeout_s: Optional[float] = None
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     health_check_interval_s: Optional[float] = None  # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S for small runs
@@ -33,10 +41,31 @@ class RaySettings:
     local_worker_niceness: int = 0
 
     def __post_init__(self) -> None:
-        if self.num_workers < 1:
+        if isinstance(self.num_workers, (list, tuple)):
+            self.num_workers = tuple(self.num_workers)
+            if len(self.num_workers) != 2 or not 1 <= self.num_workers[0] <= self.num_workers[1]:
+                raise ValueError(f"num_workers must be an int or [min, max] with 1 <= min <= max, got "
+                                 f"{list(self.num_workers)}")
+        elif self.num_workers < 1:
             raise ValueError("num_workers must be >= 1")
+        if self.resize_check_s <= 0:
+            raise ValueError("resize_check_s must be positive")
         if not 0 <= self.local_worker_niceness <= 19:
             raise ValueError(f"local_worker_niceness must be 0..19, got {self.local_worker_niceness}")
+
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def worker_range(self) -> range:
+        low, high = self.num_workers if isinstance(self.num_workers, tuple) else (self.num_workers,) * 2
+        return range(low, high + 1)
+
+    @property
+    def max_workers(self) -> int:
+        return self.worker_range[-1]
 
 
 @dataclass
@@ -63,7 +92,7 @@ class DataSection:
 # pre-flight refuses it. The rest (cluster, storage, tracking, step counts, intervals) may change.
 RUN_IDENTITY = ("restorer", "loss", "perceiver", "medium_tier", "clip_init_seed", "folds", "restorer_steps",
                 "prompt_steps", "prompt_lr", "optimizer", "data.degradation", "data.train.patch_size",
-                "data.train.batch_size", "loop.seed", "engine.gradient_accumulation_steps")
+                "data.train.batch_size", "loop.seed", "engine.gradient_accumulation_steps", "engine.global_batch")
 
 
 def identity_settings(params: dict[str, str]) -> dict[str, str]:
@@ -85,6 +114,15 @@ class JobConfig:
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ "):
             raise ValueError(f"name '{self.name}' must be non-empty, without spaces or slashes")
+        check_sizes(self.global_micro_batches, self.data.train.batch_size, self.ray.worker_range)
+        if self.engine.global_batch is None:  # recorded with the run: a relaunch must keep it (RUN_IDENTITY)
+            self.engine.global_batch = self.global_micro_batches * self.data.train.batch_size
+
+    @property
+    def global_micro_batches(self) -> int:
+        """Micro-batches per optimiser step, the same at every world size of the run."""
+        return global_micro_batches(self.data.train.batch_size, self.engine.gradient_accumulation_steps,
+                                    self.ray.max_workers, self.engine.global_batch)
 
 
 @dataclass

@@ -30,6 +30,8 @@ def runtime_env(settings: RaySettings, working_dir: Optional[Path], in_job: bool
     env_vars["PYTHONPATH"] = os.pathsep.join(["platform", "."])  # relative to the worker's working folder
     if settings.health_check_interval_s is not None:
         env_vars["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(settings.health_check_interval_s)
+    if settings.worker_start_timeout_s is not None:
+        env_vars["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(settings.worker_start_timeout_s)
     env: dict[str, Any] = {"env_vars": env_vars}
     if not in_job and working_dir is not None:
         env.update(working_dir=str(working_dir), excludes=UPLOAD_EXCLUDES)
@@ -52,6 +54,8 @@ def connect(settings: RaySettings, working_dir: Optional[Path]) -> None:
 
     if settings.health_check_interval_s is not None:
         os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(settings.health_check_interval_s)
+    if settings.worker_start_timeout_s is not None:
+        os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(settings.worker_start_timeout_s)
     if ray.is_initialized():
         return
     job_env = submitted_job_runtime_env()

@@ -12,7 +12,9 @@ from perceive_ir.data.pipeline import SourceShare, format_shares, source_shares
 from perceive_ir.data.storage import redact
 from perceive_ir.orchestration.config import JobConfig
 from perceive_ir.orchestration.ray_runtime import connect
+from perceive_ir.orchestration.staging import stage_products
 from perceive_ir.orchestration.storage import run_storage
+from perceive_ir.orchestration.world_size_plot import log_world_size_plot
 from perceive_ir.registry.lineage import product_lineage, registered_from_run, shard_manifest_tags, upstream_tags
 from perceive_ir.registry.registration import download_run_product, register_product
 from perceive_ir.tracking import RunTracker, find_or_create_run, version_tags
@@ -35,7 +37,8 @@ def build_trainer(cfg: JobConfig, payload: dict[str, Any], callbacks: Optional[l
         train_worker,
         train_loop_config=payload,
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=cfg.ray.resize_check_s),
         run_config=RunConfig(
             name=cfg.name,
             storage_path=storage_path,
@@ -129,13 +132,17 @@ def launch(stage: str, cfg: JobConfig, working_dir: Optional[Path] = None, *, ca
         tracker.log_file(resolved, "config")
     log.info("%s: MLflow run %s (%s)", cfg.name, run_id, "new" if created else "continued")
     report_source_shares(cfg, tracker, working_dir)
-    payload = {"stage": stage, "config": to_dict(cfg), "tracking_uri": tracking_uri, "run_id": run_id}
+    storage_path, filesystem = run_storage(cfg.storage)
+    staged = stage_products(cfg, tracking_uri, storage_path, filesystem)  # workers never ask MLflow for them
+    payload = {"stage": stage, "config": to_dict(cfg), "tracking_uri": tracking_uri, "run_id": run_id,
+               "staged": staged}
     trainer = build_trainer(cfg, payload, callbacks)
     try:
         result = trainer.fit()
     except Exception:
         tracker.finish("FAILED")
         raise
+    log_world_size_plot(tracker)
     stopped_early = cfg.loop.stop_after_steps is not None and cfg.loop.stop_after_steps < cfg.loop.max_steps
     if cfg.tracking.register_as and not stopped_early:
         register_products(stage, cfg, tracker)

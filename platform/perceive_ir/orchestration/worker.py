@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import tempfile
@@ -82,11 +83,24 @@ def _private_copy(checkpoint):
 
 def training_settings(cfg: JobConfig) -> TrainingSettings:
     return TrainingSettings(cfg.data.train, cfg.data.degradation, cfg.data.validation, cfg.loop,
-                            cfg.optimizer, cfg.engine)
+                            cfg.optimizer, cfg.engine, global_micro_batches=cfg.global_micro_batches,
+                            portable_optimizer=True)  # every checkpoint resumable at another world size
+
+
+def _with_staged_inputs(cfg: JobConfig, staged: dict[str, dict[str, Any]]) -> JobConfig:
+    """``cfg`` reading the products the driver staged in the run storage instead of their MLflow URIs."""
+    if not staged:
+        return cfg
+    from perceive_ir.orchestration.staging import staged_folder
+    from perceive_ir.orchestration.storage import run_storage
+
+    _, filesystem = run_storage(cfg.storage)
+    return dataclasses.replace(cfg, **{key: str(staged_folder(entry, filesystem)) for key, entry in staged.items()})
 
 
 def build_task(stage: str, cfg: JobConfig, tracking_uri: str | None, cache: Path):
-    """The stage task, with its inputs resolved (products downloaded from MLflow when given as URIs)."""
+    """The stage task, with its inputs resolved (products downloaded from MLflow when given as URIs:
+    a job's workers get folders the driver staged, see :mod:`perceive_ir.orchestration.staging`)."""
     from perceive_ir.products import (
         ensure_clip_weights,
         load_medium_tier,
@@ -147,7 +161,7 @@ def train_worker(payload: dict[str, Any]) -> None:
     cache = node_cache()
     try:
         torch.manual_seed(cfg.loop.seed)  # the models' initial weights: the same in every launch
-        task = build_task(stage, cfg, payload["tracking_uri"], cache)
+        task = build_task(stage, _with_staged_inputs(cfg, payload.get("staged") or {}), payload["tracking_uri"], cache)
         state = run_training(task, training_settings(cfg), RayReporter(), tracker, rank, world_size, device)
     except BaseException:
         if tracker is not None:  # a restart resumes from the last checkpoint: write what can be written

@@ -55,7 +55,7 @@ def trial_resources(plan: SearchPlan) -> TrialResources:
     per_worker = {"CPU": 1.0, **ray_cfg.resources_per_worker}
     if ray_cfg.use_gpu:
         per_worker.setdefault("GPU", 1.0)
-    return TrialResources({k: ray_cfg.num_workers * v for k, v in per_worker.items() if v},
+    return TrialResources({k: ray_cfg.max_workers * v for k, v in per_worker.items() if v},
                           plan.cfg.trial_driver_memory_mb * 2**20, dict(plan.cfg.trial_driver_resources))
 
 

@@ -29,13 +29,19 @@ class OptimizerConfig:
 class EngineConfig:
     deepspeed_config: str = "configs/deepspeed/zero1.json"  # relative to the job's working folder
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on a GPU that has it, fp32 on the CPU
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = 1  # per rank at the largest worker count, when global_batch is not set
+    # samples per optimiser step over all ranks, kept at every world size of an elastic run (the
+    # accumulation follows); None: batch_size x gradient_accumulation_steps x the largest worker count
+    # (a job records the value it resolved, so that a relaunch keeps it)
+    global_batch: Optional[int] = None
     gradient_clipping: float = 1.0
     zero_stage: Optional[int] = None  # overrides the stage in the DeepSpeed file
 
     def __post_init__(self) -> None:
         if self.gradient_accumulation_steps < 1:
             raise ValueError("gradient_accumulation_steps must be >= 1")
+        if self.global_batch is not None and self.global_batch < 1:
+            raise ValueError(f"engine.global_batch must be >= 1, got {self.global_batch}")
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0..3, got {self.zero_stage}")
 

@@ -3,7 +3,7 @@
 - The global batch is fixed (``global_micro_batches`` micro-batches of the loader's batch size);
   each size ``W`` that divides it trains with ``global_micro_batches / W`` accumulation steps.
 - DeepSpeed's ZeRO 1/2 optimizer state is sharded by data-parallel rank and refuses another rank
-  count. An elastic run therefore also saves a portable copy: the full fp32 weights and Adam
+  count. Every checkpoint therefore also holds a portable copy: the full fp32 weights and Adam
   moments of every trained parameter, by name, in safetensors (``optimizer_portable.*``). A launch
   at another size loads the weights from DeepSpeed's checkpoint, then every rank takes its own
   fragments of the moments through DeepSpeed's public ``safe_set_full_*`` helpers. ZeRO 0 keeps

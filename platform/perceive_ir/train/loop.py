@@ -56,8 +56,8 @@ class TrainingSettings:
     # micro-batches per optimiser step, fixed for the run (see train.elastic); None: the launch's
     # world size x engine.gradient_accumulation_steps
     global_micro_batches: Optional[int] = None
-    # save the size-independent optimizer state with every checkpoint, so a launch at another
-    # world size resumes it (elastic runs)
+    # save the size-independent optimizer state with every checkpoint, so that a launch at another
+    # world size resumes it (the jobs always do)
     portable_optimizer: bool = False
 
 
@@ -149,6 +149,7 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
     engine, scheduler = build_engine(task.model.to(device), task.param_groups(), task.schedule_factors(),
                                      settings.optimizer, ds_settings)
     state = TrainState(world_size=world_size, global_batch=samples_per_step)
+    load_started = time.perf_counter()
     with reporter.latest() as selection:
         checkpoint = selection.directory
         if checkpoint is not None:
@@ -156,10 +157,11 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
             state = load_state(checkpoint, rank, world_size)
             log.info("rank %d resumed at step %d from %s (written by %d workers)", rank, state.step, checkpoint,
                      saved.world_size)
+    load_s = time.perf_counter() - load_started
     previous = dataclasses.replace(state)
     state.world_size, state.global_batch, state.preempted = world_size, samples_per_step, False
     if tracker is not None:
-        _log_launch(tracker, previous, state, checkpoint is not None, accumulation, len(selection.rejected))
+        _log_launch(tracker, previous, state, checkpoint is not None, accumulation, len(selection.rejected), load_s)
     if tracker is not None:
         _log_weight_identities(task.model, tracker)
 
@@ -182,7 +184,7 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
             engine.save_checkpoint(directory, tag=CHECKPOINT_TAG)
             if settings.portable_optimizer:
                 save_portable_optimizer(engine, directory, rank)
-            state.preempted, state.saved_unix = preempted, time.time()
+            state.preempted, state.saved_unix = preempted or preemption["notice"], time.time()
             save_state(directory, state, rank)
             write_index(directory, rank, world_size, state.step)  # last: its presence means complete
             reporter.report({"step": state.step, **metrics}, directory)
@@ -209,22 +211,28 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
         return metrics
 
     engine.train()
-    micro_batches = 0
     while state.step < last:
         epoch, start = divmod(state.step, steps_per_epoch)
         task.on_epoch_start(engine, epoch, probe, resumed_mid_epoch=start > 0)
+        step_batches: list[DegradedBatch] = []
         for batch in build_loader(settings.loader, epoch=epoch, start_step=start, plan=plan):
             window["skipped"] += int(batch["skipped"])
-            degraded: DegradedBatch = synthesize(degrader, batch, epoch, device, dtype)
-            terms = task.compute(engine, degraded, state.step)
-            engine.backward(terms["total"])
-            engine.step()
-            micro_batches += 1
-            for k, v in terms.items():  # summed on the device: no host sync per step
-                window["terms"][k] = window["terms"].get(k, 0.0) + v.detach().float()
-            window["count"] += 1
-            if micro_batches % accumulation:
+            step_batches.append(synthesize(degrader, batch, epoch, device, dtype))
+            if len(step_batches) < accumulation:
                 continue
+            # the step's micro-batches are all at hand: a task whose loss spans the global batch
+            # (L_cl's negatives) prepares it before the first of them
+            prepare = getattr(task, "prepare_step", None)
+            if prepare is not None and accumulation > 1:
+                prepare(engine, step_batches, plan)
+            for degraded in step_batches:
+                terms = task.compute(engine, degraded, state.step)
+                engine.backward(terms["total"])
+                engine.step()
+                for k, v in terms.items():  # summed on the device: no host sync per step
+                    window["terms"][k] = window["terms"].get(k, 0.0) + v.detach().float()
+                window["count"] += 1
+            step_batches = []
             state.step += 1
             state.samples += samples_per_step
             window["steps"] += 1
@@ -275,8 +283,8 @@ def _resume(engine, scheduler, checkpoint: str, world_size: int, global_batch: i
         return saved
     if not has_portable_optimizer(checkpoint):
         raise ValueError(f"checkpoint '{checkpoint}' was written by {saved.world_size} workers without a portable "
-                         f"optimizer state, and DeepSpeed's sharded state needs the same number (got {world_size}); "
-                         "give ray.num_workers a [min, max] range to write resizable checkpoints")
+                         f"optimizer state (an older version of the trainer), and DeepSpeed's sharded state needs "
+                         f"the same number: relaunch with ray.num_workers={saved.world_size}")
     path, _ = engine.load_checkpoint(checkpoint, tag=CHECKPOINT_TAG, load_module_strict=True,
                                      load_module_only=True)
     if path is None:
@@ -286,12 +294,13 @@ def _resume(engine, scheduler, checkpoint: str, world_size: int, global_batch: i
 
 
 def _log_launch(tracker: Tracker, previous: TrainState, state: TrainState, resumed: bool, accumulation: int,
-                broken_skipped: int) -> None:
+                broken_skipped: int, load_s: float) -> None:
     """Where this launch starts, at how many workers; a tag when that number changed."""
     metrics = {"train/world_size": float(state.world_size), "train/global_batch": float(state.global_batch),
                "train/accumulation": float(accumulation)}
     if resumed:
-        metrics.update({"resumed_from_step": float(state.step), "checkpoint/broken_skipped": float(broken_skipped)})
+        metrics.update({"resumed_from_step": float(state.step), "checkpoint/broken_skipped": float(broken_skipped),
+                        "elastic/checkpoint_load_s": load_s})
     tracker.log_metrics(metrics, step=state.step)
     if resumed and previous.world_size != state.world_size:
         key, value = resize_tag(previous.world_size, state.world_size, state.step, previous.preempted)

@@ -88,6 +88,10 @@ class Stage2Model(nn.Module):
     def restore(self, degraded: torch.Tensor) -> torch.Tensor:
         return self.restorer(degraded, None)
 
+    def contrast_codes(self, degraded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """L_cl's anchor and positive codes: the CFE code of the image and of an offset crop of it."""
+        return self.restorer.encode_degradation(degraded), self.restorer.encode_degradation(second_crop(degraded))
+
     def forward(self, degraded: torch.Tensor, clean: torch.Tensor, clean_ids: Sequence[str], types: torch.Tensor):
         codes = None
         if self.conditioned and getattr(self.loss, "contrast", None) is not None:

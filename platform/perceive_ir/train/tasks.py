@@ -7,8 +7,10 @@ from typing import Callable, Optional
 
 import torch
 
+from perceive_ir.data.pipeline import BatchPlan
 from perceive_ir.eval.validation import HeldOutSet, evaluate
 from perceive_ir.losses import LossConfig
+from perceive_ir.losses.contrast import gather_with_grad
 from perceive_ir.models import MediumTierGenerator, PerceiverConfig, QualityPerceiver, RestorerConfig
 from perceive_ir.train.config import OptimizerConfig
 from perceive_ir.products import save_medium_tier, save_perceiver, save_restorer
@@ -33,6 +35,8 @@ class Stage2Task:
         self.perceiver = perceiver.freeze_prompts()
         self.model = Stage2Model(restorer_cfg.build(), loss_cfg.build(self.perceiver), medium_tier)
         self._last_restored: torch.Tensor | None = None
+        self._step_keys: list[torch.Tensor] = []
+        self._step_rows: list[slice] = []  # of the step's micro-batches still to come
 
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.model.restorer.parameters() if p.requires_grad]}]
@@ -40,8 +44,33 @@ class Stage2Task:
     def schedule_factors(self) -> list[Callable[[int], float]]:
         return [phase_factor(0, self.max_steps, self.optim.warmup_steps, self.optim.floor)]
 
+    def prepare_step(self, engine, batches: list[DegradedBatch], plan: BatchPlan) -> None:
+        """Under accumulation: the degradation codes of the step's whole global batch (this rank's
+        micro-batches, then every rank's), the negatives of each micro-batch's L_cl."""
+        contrast = self._contrast()
+        if contrast is None or not contrast.cfg.gather:  # without gathering: each micro-batch on its own
+            return
+        module = engine.module
+        with torch.no_grad():
+            anchors, positives = zip(*(module.contrast_codes(b.degraded) for b in batches))
+            local = [torch.cat(anchors), torch.cat(positives), torch.cat([b.type_index for b in batches])]
+        self._step_keys = [gather_with_grad(x) for x in local]  # every rank's slots, in slot order
+        size = len(batches[0].keys)
+        self._step_rows = [slice((plan.first_slot + k) * size, (plan.first_slot + k + 1) * size)
+                           for k in range(len(batches))]
+
+    def _contrast(self):
+        return getattr(self.model.loss, "contrast", None) if self.model.conditioned else None
+
     def compute(self, engine, batch: DegradedBatch, step: int) -> dict[str, torch.Tensor]:
-        terms, restored = engine(batch.degraded, batch.clean, batch.clean_ids, batch.type_index)
+        contrast = self._contrast()
+        if self._step_rows and contrast is not None:
+            contrast.use_step_keys(*self._step_keys, rows=self._step_rows.pop(0))
+        try:
+            terms, restored = engine(batch.degraded, batch.clean, batch.clean_ids, batch.type_index)
+        finally:
+            if contrast is not None:
+                contrast.use_step_keys(None)
         self._last_restored = restored.detach()
         return terms
 

@@ -166,7 +166,7 @@ def _worker_class():
 def start_workers(cfg: EvalConfig, product: dict[str, bytes]) -> list:
     import ray
 
-    n = cfg.ray.num_workers
+    n = cfg.ray.max_workers
     cpus = float(cfg.ray.resources_per_worker.get("CPU", 1.0))
     # A local Ray may have fewer CPUs than asked for: never ask for more than a fair share.
     cpus = max(0.5, min(cpus, ray.cluster_resources().get("CPU", cpus) / n))
