@@ -7,7 +7,7 @@
 2. node return: from a new node's ``ray start`` to the first step at two workers (Ray Train's resize
    check, the restart and the load).
 
-    python benchmarks/bench_elastic.py [--steps 400] [--worker-start-timeout 20] [--gpu]
+    python benchmarks/bench_elastic.py [--steps 400] [--worker-start-timeout 20] [--gpu] [--plot-to FILE]
 
 ``--gpu``: the workers on the GPU (bf16); with one GPU the run has one worker, so 1. measures a node
 replacement at one worker and 2. is skipped. Figures come from the run's metrics (the MLflow
@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--worker-start-timeout", type=float, default=None,
                         help="ray.worker_start_timeout_s (default: Ray's, 60 s)")
     parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--plot-to", type=Path, help="copy the run's elastic/world_size.png here")
     args = parser.parse_args()
 
     import ray
@@ -166,6 +167,12 @@ def main() -> None:
         size, first, load = launch_after(marks["added"])
         print(f"node return -> first step at {int(size.value)} workers: {first.timestamp / 1000 - marks['added']:.1f} s"
               f" (node start and resize check, restart, checkpoint load {load:.2f} s)")
+    if args.plot_to is not None:
+        import shutil
+
+        plot = client.download_artifacts(result.run_id, "elastic/world_size.png", str(root))
+        shutil.copy(plot, args.plot_to)
+        print(f"world-size plot: {args.plot_to}")
 
 
 if __name__ == "__main__":

@@ -270,6 +270,8 @@ def test_the_best_trial_is_registered_with_the_search_as_its_lineage(tmp_path, p
     from _model_fixtures import TINY_NAFNET
     from perceive_ir.models import RestorerConfig
     from perceive_ir.search.report import TrialRecord
+    from perceive_ir.config import to_dict
+    from perceive_ir.registry.lineage import config_hash
     from perceive_ir.search.tracking import open_parent_run, register_best
     from perceive_ir.tracking import RunTracker, TrackingConfig, find_or_create_run, version_tags
     from perceive_ir.products import save_restorer
@@ -282,12 +284,43 @@ def test_the_best_trial_is_registered_with_the_search_as_its_lineage(tmp_path, p
     _, trial_id, _ = find_or_create_run(TrackingConfig(uri=uri, experiment=EXPERIMENT), f"{SEARCH}-t1", {},
                                         version_tags(), "stage2")
     RunTracker(uri, trial_id).log_folder(restorer, "restorer")
+    # the trial trained with its own storage folder, which a config rebuilt from the plan would not know
+    trained = plan.trial_config({"optimizer.lr": 1e-3}, f"{SEARCH}-t1", str(tmp_path / "ray" / "t1"))
+    (tmp_path / "stage2_resolved.yaml").write_text(yaml.safe_dump(to_dict(trained), sort_keys=False))
+    RunTracker(uri, trial_id).log_file(tmp_path / "stage2_resolved.yaml", "config")
     record = TrialRecord("t1", trial_id, "completed", {"optimizer.lr": 1e-3}, curve=[(2, 20.0)])
     (registered,) = register_best(RunTracker(uri, parent_id), plan, [record]).values()
     name, number = registered[len("models:/"):].rsplit("/", 1)
     tags = MlflowClient(tracking_uri=uri).get_model_version(name, number).tags
     assert tags["lineage.search_run"] == tags["search.parent_run_id"] == parent_id
     assert tags["lineage.run_id"] == trial_id
+    rebuilt = plan.trial_config({"optimizer.lr": 1e-3}, f"{SEARCH}-t1", plan.base.storage.path)
+    assert tags["lineage.config_sha256"] == config_hash(to_dict(trained)) != config_hash(to_dict(rebuilt))
+
+
+def test_an_early_stop_mark_the_store_cannot_take_is_written_once_it_answers(tmp_path, monkeypatch):
+    """Without Ray: the search's callback keeps a mark it could not write and writes it at a later result
+    (a stopped trial left unmarked would be trained again by a relaunch)."""
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from perceive_ir.search.tracking import SEARCH_TAGS, EarlyStopMarker, trial_run_name
+    from perceive_ir.tracking import TrackingConfig, find_or_create_run
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _, run_id, _ = find_or_create_run(TrackingConfig(uri=uri, experiment=EXPERIMENT), trial_run_name(SEARCH, "t1"),
+                                      {}, {}, "stage2")
+    marker = EarlyStopMarker("http://127.0.0.1:9", EXPERIMENT, SEARCH, retry_every_s=0, final_wait_s=0)
+    marker.on_trial_complete(0, [], SimpleNamespace(trial_id="t1"))  # the store does not answer
+    assert marker.pending == ["t1"]
+    marker.tracking_uri = uri  # it answers again
+    marker.on_trial_result(1, [], SimpleNamespace(trial_id="t2"), {})
+    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    assert marker.pending == [] and run.info.status == "KILLED"
+    assert run.data.tags[SEARCH_TAGS["early_stopped"]] == "true"
 
 
 def test_asha_of_a_relaunched_search_takes_in_the_trials_it_restores():

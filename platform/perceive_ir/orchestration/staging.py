@@ -65,7 +65,10 @@ def staged_folder(entry: dict[str, Any], filesystem) -> Path:
         return Path(entry["path"])
 
     def fetch(folder: Path) -> Path:
-        pyarrow.fs.copy_files(entry["path"], str(folder / "product"), source_filesystem=filesystem)
-        return folder / "product"
+        target = folder / "product"
+        target.mkdir()
+        pyarrow.fs.copy_files(entry["path"], str(target), source_filesystem=filesystem,
+                              destination_filesystem=pyarrow.fs.LocalFileSystem(use_mmap=False))
+        return target
 
     return cached_download({"staged": entry["path"], "digest": entry["digest"]}, fetch)

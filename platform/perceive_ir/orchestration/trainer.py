@@ -74,9 +74,11 @@ PRODUCTS = {"stage1": ("perceiver", "medium_tier"), "stage2": ("restorer",)}
 
 
 def register_products(stage: str, cfg: JobConfig, tracker: RunTracker, *, search_run: Optional[str] = None,
-                      extra_tags: Optional[dict[str, str]] = None) -> dict[str, str]:
+                      extra_tags: Optional[dict[str, str]] = None, register_as: Optional[str] = None) -> dict[str, str]:
     """Register the stage's products as MLflow models, versions of ``<register_as>-<product>`` with
-    their lineage as tags (``search_run``: the Ray Tune search the run came from); returns their URIs."""
+    their lineage as tags (``search_run``: the Ray Tune search the run came from; ``register_as``:
+    instead of the config's, which a trial trains without); returns their URIs."""
+    register_as = register_as or cfg.tracking.register_as
     run_tags = tracker.client.get_run(tracker.run_id).data.tags
     try:
         shards = shard_manifest_tags(cfg.data.train.sources, cfg.data.train.storage_options)
@@ -100,7 +102,7 @@ def register_products(stage: str, cfg: JobConfig, tracker: RunTracker, *, search
         tags = product_lineage(product, folder, run_tags, tracker.run_id, to_dict(cfg), shards, upstream,
                                         search_run) | dict(extra_tags or {})
         uris[product] = register_product(tracker.uri, tracker.run_id, folder,
-                                         f"{cfg.tracking.register_as}-{product.replace('_', '-')}", tags,
+                                         f"{register_as}-{product.replace('_', '-')}", tags,
                                          alias=cfg.tracking.register_alias)
         log.info("%s registered as %s", product, uris[product])
     return uris

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -83,21 +84,55 @@ def mark_early_stopped(client, run) -> None:
 
 
 class EarlyStopMarker(Callback):
-    """A Tune callback: when a trial ends and its run did not finish, it was stopped early."""
+    """A Tune callback: when a trial ends and its run did not finish, it was stopped early.
 
-    def __init__(self, tracking_uri: str, experiment: str, search: str) -> None:
+    A mark the tracking store cannot take now (an outage) is kept and tried again at later results,
+    at most every ``retry_every_s``, and at the end of the search for up to ``final_wait_s``: an
+    unmarked stopped trial would be trained again by a relaunch of the search."""
+
+    def __init__(self, tracking_uri: str, experiment: str, search: str, retry_every_s: float = 30.0,
+                 final_wait_s: float = 300.0) -> None:
         self.tracking_uri, self.experiment, self.search = tracking_uri, experiment, search
+        self.retry_every_s, self.final_wait_s = retry_every_s, final_wait_s
+        self.pending: list[str] = []  # trial ids whose mark is not written yet
+        self._last_try = 0.0
 
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+    def _mark(self, trial_id: str) -> bool:
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=self.tracking_uri)
-        found = client.get_experiment_by_name(self.experiment)
-        name = trial_run_name(self.search, trial.trial_id)
-        runs = client.search_runs([found.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{name}'", max_results=1)
-        if runs and runs[0].info.status != "FINISHED":
-            mark_early_stopped(client, runs[0])
-            log.info("trial %s stopped early by the scheduler", trial.trial_id)
+        try:
+            client = MlflowClient(tracking_uri=self.tracking_uri)
+            found = client.get_experiment_by_name(self.experiment)
+            name = trial_run_name(self.search, trial_id)
+            runs = client.search_runs([found.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{name}'", max_results=1)
+            if runs and runs[0].info.status != "FINISHED":
+                mark_early_stopped(client, runs[0])
+                log.info("trial %s stopped early by the scheduler", trial_id)
+            return True
+        except Exception as err:  # noqa: BLE001 - the store is away: try again later
+            log.warning("trial %s: early-stop mark not written yet (%s); will try again", trial_id, err)
+            return False
+
+    def _retry(self) -> None:
+        self._last_try = time.monotonic()
+        self.pending = [trial_id for trial_id in self.pending if not self._mark(trial_id)]
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.pending.append(trial.trial_id)
+        self._retry()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if self.pending and time.monotonic() - self._last_try >= self.retry_every_s:
+            self._retry()
+
+    def on_experiment_end(self, trials, **info) -> None:
+        deadline = time.monotonic() + self.final_wait_s
+        while self.pending and time.monotonic() < deadline:
+            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+            self._retry()
+        if self.pending:
+            log.error("early-stop marks not written for trials %s: a relaunch would train them again",
+                      ", ".join(self.pending))
 
 
 def _status(run) -> str:
@@ -166,6 +201,25 @@ def log_results(tracker: RunTracker, plan: SearchPlan, records: list[TrialRecord
             tracker.client.set_tag(tracker.run_id, "search.errors", "\n".join(outcome.error_lines())[:8000])
 
 
+RESOLVED_CONFIG = "config/stage2_resolved.yaml"  # logged by every stage-2 launch (orchestration.trainer)
+
+
+def trained_config(tracking_uri: str, run_id: str):
+    """The stage-2 config a trial run trained with (its resolved config artifact), or None."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from perceive_ir.config import from_dict
+    from perceive_ir.orchestration.config import Stage2Config
+
+    with tempfile.TemporaryDirectory(prefix="trial-config-") as folder:
+        try:
+            path = MlflowClient(tracking_uri=tracking_uri).download_artifacts(run_id, RESOLVED_CONFIG, folder)
+        except Exception:  # noqa: BLE001 - MLflow raises several types for a missing artifact
+            return None
+        return from_dict(Stage2Config, yaml.safe_load(Path(path).read_text()), f"run {run_id}: {RESOLVED_CONFIG}")
+
+
 def register_best(tracker: RunTracker, plan: SearchPlan, records: list[TrialRecord]) -> Optional[dict[str, str]]:
     """Register the best completed trial's restorer (once per search) with the search's lineage as tags;
     returns its URIs, also when an earlier launch of the search registered it."""
@@ -179,9 +233,13 @@ def register_best(tracker: RunTracker, plan: SearchPlan, records: list[TrialReco
     parent_tags = tracker.client.get_run(tracker.run_id).data.tags
     if parent_tags.get(BEST_TAG, "").startswith(best.run_id + " "):  # registered by an earlier launch
         return dict(zip(PRODUCTS["stage2"], parent_tags[BEST_TAG].split()[1:]))
-    trial_cfg = plan.trial_config(best.values, trial_run_name(plan.cfg.name, best.trial_id), plan.base.storage.path)
-    trial_cfg.tracking.register_as = plan.cfg.register_as
-    uris = register_products("stage2", trial_cfg, RunTracker(tracker.uri, best.run_id), search_run=tracker.run_id)
+    trial_cfg = trained_config(tracker.uri, best.run_id)  # what the trial trained, hashed into its lineage
+    if trial_cfg is None:  # a trial run without its resolved config: rebuilt from the plan
+        log.warning("trial run %s has no %s: its config is rebuilt from the search", best.run_id, RESOLVED_CONFIG)
+        trial_cfg = plan.trial_config(best.values, trial_run_name(plan.cfg.name, best.trial_id),
+                                      plan.base.storage.path)
+    uris = register_products("stage2", trial_cfg, RunTracker(tracker.uri, best.run_id), search_run=tracker.run_id,
+                             register_as=plan.cfg.register_as)
     client = MlflowClient(tracking_uri=tracker.uri)
     tags = {"search.parent_run_id": tracker.run_id, "search.name": plan.cfg.name, "search.trial_id": best.trial_id,
             "search.objective": f"{best.final:.6g}", "search.metric": plan.cfg.metric.name,
