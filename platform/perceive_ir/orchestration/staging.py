@@ -71,4 +71,6 @@ def staged_folder(entry: dict[str, Any], filesystem) -> Path:
                               destination_filesystem=pyarrow.fs.LocalFileSystem(use_mmap=False))
         return target
 
-    return cached_download({"staged": entry["path"], "digest": entry["digest"]}, fetch)
+    # keyed by content: the same product staged by several runs (a stage, then a search's trials) is
+    # copied to the node once
+    return cached_download({"staged_product": entry["digest"]}, fetch)

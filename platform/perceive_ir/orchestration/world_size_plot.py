@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,11 @@ def log_world_size_plot(tracker) -> Path | None:
         import matplotlib.pyplot as plt
 
         start = history[0].timestamp
+        end = tracker.client.get_run(tracker.run_id).info.end_time or int(time.time() * 1000)  # now, at the end
         minutes = [(m.timestamp - start) / 60_000 for m in history]
         sizes = [m.value for m in history]
         figure, axes = plt.subplots(figsize=(7, 3))
-        axes.step(minutes + [minutes[-1] * 1.05 + 0.1], sizes + [sizes[-1]], where="post")
+        axes.step(minutes + [max(minutes[-1], (end - start) / 60_000)], sizes + [sizes[-1]], where="post")
         for x, size, point in zip(minutes, sizes, history):
             axes.annotate(f"step {point.step}", (x, size), textcoords="offset points", xytext=(2, 4), fontsize=7)
         axes.set(xlabel="minutes since the run started", ylabel="workers", title="world size over the run",
