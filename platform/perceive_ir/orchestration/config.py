@@ -48,11 +48,10 @@ class RaySettings:
                                  f"{list(self.num_workers)}")
         elif self.num_workers < 1:
             raise ValueError("num_workers must be >= 1")
-        if self.resize_check_s <= 0:
-            raise ValueError("resize_check_s must be positive")
+        if self.resize_check_s <= 0 or (self.worker_start_timeout_s is not None and self.worker_start_timeout_s <= 0):
+            raise ValueError("resize_check_s and worker_start_timeout_s must be positive")
         if not 0 <= self.local_worker_niceness <= 19:
             raise ValueError(f"local_worker_niceness must be 0..19, got {self.local_worker_niceness}")
-
 
     @property
     def elastic(self) -> bool:
