@@ -30,7 +30,7 @@ from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-STEPS = 480
+STEPS = 360
 GRACE_S = 60  # between the preemption notice and the node's end
 SLOT = {"training_slot": 1.0}
 
@@ -57,8 +57,9 @@ def _wait(condition, what: str, timeout_s: float = 300.0):
 
 
 def _perceiver_run(server: MlflowServer, folder: Path) -> str:
-    """A stage-1 run holding a tiny perceiver product; returns its runs:/ URI."""
-    import mlflow
+    """A stage-1 run holding a tiny perceiver product; returns its runs:/ URI. (Through a client: MLflow's
+    fluent API would leave the server's address in this process's environment for later tests.)"""
+    from mlflow.tracking import MlflowClient
 
     from perceive_ir.models import PerceiverConfig
     from perceive_ir.products.folders import save_perceiver
@@ -68,10 +69,10 @@ def _perceiver_run(server: MlflowServer, folder: Path) -> str:
     cfg = PerceiverConfig(architecture="clip_tiny", pretrained=None, clip_weights=str(clip),
                           arch_config=str(TINY_CLIP_JSON))
     product = save_perceiver(tiny_perceiver(clip), cfg, folder / "perceiver")
-    mlflow.set_tracking_uri(server.uri)
-    mlflow.set_experiment("elastic-inputs")
-    with mlflow.start_run() as run:
-        mlflow.log_artifacts(str(product), "perceiver")
+    client = MlflowClient(tracking_uri=server.uri)
+    run = client.create_run(client.create_experiment("elastic-inputs"))
+    client.log_artifacts(run.info.run_id, str(product), "perceiver")
+    client.set_terminated(run.info.run_id)
     return f"runs:/{run.info.run_id}/perceiver"
 
 
@@ -94,9 +95,9 @@ def test_a_lost_node_shrinks_the_run_and_a_returned_one_grows_it_back(package_ph
                           "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "_system_config": fast_health_checks})
     training_nodes = [cluster.add_node(num_cpus=1, resources=SLOT) for _ in range(2)]
-    storage = tmp_path / "ray"
+    storage, shards = tmp_path / "ray", build_tiny_shards(package_photos, str(tmp_path / "shards"))
     cfg = load_config(Stage2Config, REPO / "configs/stage2_tiny.yaml", [
-        "name=elastic", f"perceiver={perceiver}", f"data.train.sources=[{{location: {build_tiny_shards(package_photos, str(tmp_path / 'shards'))}}}]",
+        "name=elastic", f"perceiver={perceiver}", f"data.train.sources=[{{location: {shards}}}]",
         "data.train.patch_size=32", "data.train.batch_size=2", "data.train.samples_per_epoch=16",
         "data.validation.images=2", "data.validation.types=[haze]", "data.validation.patch_size=32",
         "loss.identity=0",
