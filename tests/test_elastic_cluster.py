@@ -86,6 +86,9 @@ def test_a_lost_node_shrinks_the_run_and_a_returned_one_grows_it_back(package_ph
     from perceive_ir.orchestration.trainer import launch
 
     monkeypatch.chdir(REPO)
+    # what the job's settings put in this process's environment goes with the test
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20")
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     server = MlflowServer(tmp_path / "mlflow")
     (tmp_path / "mlflow").mkdir()
     server.start()
