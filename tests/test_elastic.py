@@ -1,7 +1,7 @@
 """Elastic training: a run resized between launches is the same experiment as an unbroken one.
 
 The tiny stage-2 runs here use real DeepSpeed engines on gloo processes (see ``_elastic_harness``):
-ZeRO stage 2 at two ranks, which DeepSpeed turns into stage 0 at one rank, so a resize 2 -> 1 -> 2
+ZeRO stage 2 at two ranks, which the engine runs as stage 0 at one fp32 rank, so a resize 2 -> 1 -> 2
 carries the optimizer state across sizes and stages in both directions.
 """
 
