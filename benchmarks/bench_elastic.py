@@ -30,25 +30,7 @@ sys.path[:0] = [str(REPO / "platform"), str(REPO), str(REPO / "tests")]
 
 SLOT = {"training_slot": 1.0}
 
-
-def checkpoints(storage: Path) -> list[dict]:
-    states = []
-    for path in storage.glob("*/checkpoint_*/trainer_state.json"):
-        try:
-            states.append(json.loads(path.read_text()))
-        except ValueError:  # being written
-            continue
-    return sorted(states, key=lambda s: s["step"])
-
-
-def wait(condition, what: str, timeout_s: float = 600.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        time.sleep(0.1)
-    raise TimeoutError(f"timed out waiting for {what}")
+from _run_storage import checkpoint_states, wait_for  # noqa: E402
 
 
 def inputs(root: Path) -> tuple[str, Path]:
@@ -114,17 +96,17 @@ def main() -> None:
 
     def drill() -> None:
         try:
-            wait(lambda: any(s["step"] >= 10 for s in checkpoints(storage)), "a first checkpoint")
+            wait_for(lambda: any(s["step"] >= 10 for s in checkpoint_states(storage)), "a first checkpoint")
             lost = nodes[1].node_id if not args.gpu else next(
                 n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("training_slot"))
             victim = nodes[1] if nodes[1].node_id == lost else nodes[0]
             marks["lost"] = time.time()
             cluster.remove_node(victim)
-            wait(lambda: not next(n["Alive"] for n in ray.nodes() if n["NodeID"] == lost), "Ray to see the loss")
+            wait_for(lambda: not next(n["Alive"] for n in ray.nodes() if n["NodeID"] == lost), "Ray to see the loss")
             marks["detected"] = time.time()
             if args.gpu:
                 return
-            wait(lambda: any(s["world_size"] == 1 for s in checkpoints(storage)), "a checkpoint at one worker")
+            wait_for(lambda: any(s["world_size"] == 1 for s in checkpoint_states(storage)), "a checkpoint at one worker")
             marks["added"] = time.time()
             returned.append(subprocess.Popen(
                 [str(Path(sys.executable).parent / "ray"), "start", "--address", cluster.address, "--block",

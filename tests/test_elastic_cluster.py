@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 
 from _mlflow_server import MlflowServer
+from _run_storage import checkpoint_states as _checkpoints
+from _run_storage import wait_for as _wait
 from _model_fixtures import TINY_CLIP_JSON, tiny_clip_file, tiny_perceiver
 from _train_fixtures import build_tiny_shards
 from conftest import REPO
@@ -33,27 +35,6 @@ pytestmark = pytest.mark.slow
 STEPS = 360
 GRACE_S = 60  # between the preemption notice and the node's end
 SLOT = {"training_slot": 1.0}
-
-
-def _checkpoints(storage: Path) -> list[dict]:
-    """The counters of every complete checkpoint in the run storage, oldest first."""
-    states = []
-    for path in storage.glob("*/checkpoint_*/trainer_state.json"):
-        try:
-            states.append(json.loads(path.read_text()))
-        except ValueError:  # being written
-            continue
-    return sorted(states, key=lambda s: s["step"])
-
-
-def _wait(condition, what: str, timeout_s: float = 300.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _perceiver_run(server: MlflowServer, folder: Path) -> str:

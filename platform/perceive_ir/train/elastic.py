@@ -25,7 +25,7 @@ from perceive_ir.data.pipeline import divisors
 
 log = logging.getLogger(__name__)
 
-__all__ = ["global_micro_batches", "check_sizes", "save_portable_optimizer", "load_portable_optimizer",
+__all__ = ["global_micro_batches", "check_sizes", "save_portable_optimizer", "load_portable_optimizer", "resize_tag",
            "has_portable_optimizer", "resize_reason", "PORTABLE_WEIGHTS"]
 
 PORTABLE_WEIGHTS = "optimizer_portable.safetensors"
