@@ -15,7 +15,8 @@ from typing import Any, Optional
 from perceive_ir.data.node_cache import node_cache
 from perceive_ir.orchestration.config import RaySettings
 
-__all__ = ["UPLOAD_EXCLUDES", "connect", "runtime_env", "submitted_job_runtime_env", "local_ray_temporary_folder"]
+__all__ = ["UPLOAD_EXCLUDES", "connect", "runtime_env", "submitted_job_runtime_env", "local_ray_temporary_folder",
+           "pin_autoscaling_coordinator_here"]
 
 # Environment a worker needs from the launching shell when it is set there (never credentials).
 _PASSED_ENV = ("HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "OMP_NUM_THREADS", "AWS_ENDPOINT_URL",
@@ -115,3 +116,21 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def pin_autoscaling_coordinator_here() -> None:
+    """Create Ray's cluster-wide autoscaling coordinator (a detached actor, bound for good to the node
+    that first asks for it) on this process's node, before any Train controller does. A search's Train
+    controllers run on the nodes of their trial functions; were the first of them to create it on a node
+    that is later lost, every later resource request of the cluster's Train runs would fail. Called by
+    drivers, which run on the head."""
+    import logging
+
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+    except ImportError:  # another Ray version: nothing to pin
+        logging.getLogger(__name__).info("Ray has no autoscaling coordinator to place")
+        return
+    get_or_create_autoscaling_coordinator()

@@ -62,6 +62,7 @@ class SearchConfig:
     # preemptible GPU node. Empty: anywhere.
     trial_driver_resources: dict[str, float] = field(default_factory=dict)
     max_trial_failures: int = 3  # a trial whose node or function is lost is restarted this often (from its checkpoint)
+    trial_store_wait_s: float = 900.0  # a trial (re)started while the tracking store is away waits this long for it
     state_save_period_s: float = 10.0  # how often Tune saves the search's state to storage
     stopped_trial_grace_s: int = 5  # a trial the scheduler stopped is killed after this many seconds
     register_as: Optional[str] = None  # register the best trial's restorer as '<register_as>-restorer'
@@ -71,6 +72,8 @@ class SearchConfig:
             raise ValueError(f"name '{self.name}' must be non-empty, without spaces or slashes")
         if self.num_trials < 1 or self.concurrency < 1:
             raise ValueError("num_trials and concurrency must be >= 1")
+        if self.trial_store_wait_s < 0:
+            raise ValueError("trial_store_wait_s must be >= 0")
 
 
 @dataclass

@@ -171,7 +171,7 @@ def run_search(plan: SearchPlan, repo: Path) -> SearchResult:
     from ray import tune
 
     from perceive_ir.orchestration.storage import run_storage
-    from perceive_ir.orchestration.ray_runtime import connect
+    from perceive_ir.orchestration.ray_runtime import connect, pin_autoscaling_coordinator_here
     from perceive_ir.search.trainable import OBJECTIVE, run_trial
     from perceive_ir.search.tracking import EarlyStopMarker, log_results, open_parent_run, register_best, trial_records
     from perceive_ir.tracking import RunTracker
@@ -183,6 +183,7 @@ def run_search(plan: SearchPlan, repo: Path) -> SearchResult:
     # before killing it, and the run's workers keep their CPUs meanwhile.
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(cfg.stopped_trial_grace_s))
     connect(base.ray, repo)
+    pin_autoscaling_coordinator_here()
     resources = trial_resources(plan)
     trials = plan.total_trials
     concurrency = concurrent_trials(cfg.concurrency, trials, resources, ray.cluster_resources(), cfg.cluster_capacity)

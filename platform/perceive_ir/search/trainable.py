@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -63,66 +65,71 @@ def trial_run_name(search: str, trial_id: str) -> str:
 class ValidationReportCallback(TuneReportCallback):
     """Forwards each validation of the trial's run to Tune: ``step``, the ``val/`` metrics, ``objective``
     and the objective's history. They come with the checkpoint's report (rank 0 adds its validation of
-    the step), so no score is read back from the tracking store: this runs in the trial's Train
-    controller, where an error is not retried, and the store may be away for minutes."""
+    the step), so no score is read back from the tracking store.
 
-    def __init__(self, tracking_uri: str, run_name: str, experiment: str, metric: MetricConfig) -> None:
+    This runs in the trial's Train controller, where an error is not retried and a wait stalls every
+    worker at its next report, while the store may be away for minutes. So the controller's thread never
+    calls MLflow: a watcher thread reads, as the store allows, the validations of earlier launches (a
+    resumed run) and the scheduler's early-stop mark, which ends the run."""
+
+    def __init__(self, tracking_uri: str, run_name: str, experiment: str, metric: MetricConfig,
+                 poll_s: float = 2.0) -> None:
         super().__init__()
         self.tracking_uri, self.run_name, self.experiment, self.metric = tracking_uri, run_name, experiment, metric
-        self._run_id: Optional[str] = None
-        self._history: Optional[dict[int, float]] = None  # step -> objective, this run's validations
+        self.poll_s = poll_s
+        self._earlier: Optional[dict[int, float]] = None  # step -> objective of earlier launches, once read
+        self._this_launch: dict[int, float] = {}
+        self._watcher: Optional[threading.Thread] = None
 
-    def _stopped_by_scheduler(self) -> bool:
-        """The run carries the scheduler's early-stop mark (set by the search's driver)."""
-        from mlflow.tracking import MlflowClient
-
-        from perceive_ir.tracking import RUN_NAME_TAG
-
-        client = MlflowClient(tracking_uri=self.tracking_uri)
-        if self._run_id is None:
-            experiment = client.get_experiment_by_name(self.experiment)
-            (found,) = client.search_runs([experiment.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{self.run_name}'",
-                                          max_results=1)
-            self._run_id = found.info.run_id
-        return client.get_run(self._run_id).data.tags.get(SEARCH_TAGS["early_stopped"]) == "true"
-
-    def _earlier_history(self) -> dict[int, float]:
-        """Validations before this launch of the trial (a resumed run), best effort: the store may be away."""
-        from mlflow.tracking import MlflowClient
-
-        try:
-            if self._run_id is None:
-                self._stopped_by_scheduler()  # finds the run
-            return {int(step): value for step, value in
-                    objective_history(MlflowClient(tracking_uri=self.tracking_uri), self._run_id, self.metric)}
-        except Exception as err:  # noqa: BLE001 - MLflow raises many kinds; the history then starts here
-            log.warning("%s: earlier validations not read (%s); the objective history starts at this launch",
-                        self.run_name, str(err).splitlines()[0] if str(err) else type(err).__name__)
-            return {}
+    def __getstate__(self) -> dict:  # sent to the controller before its watcher starts
+        return {**self.__dict__, "_watcher": None}
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        import ray
-
-        try:
-            if self._stopped_by_scheduler():
-                # The scheduler stopped this trial: end the run here (this callback runs in its controller).
-                log.info("%s was stopped by the scheduler: aborting its training run", self.run_name)
-                ray.get_runtime_context().current_actor.abort.remote()
-                return
-        except Exception as err:  # noqa: BLE001 - the mark is read again at the next report
-            log.warning("%s: tracking store not answering (%s); early-stop mark not checked at this report",
-                        self.run_name, str(err).splitlines()[0] if str(err) else type(err).__name__)
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name=f"{self.run_name}-store-watch", daemon=True)
+            self._watcher.start()
         reported = metrics[0] if metrics else {}
         validation = {k: float(v) for k, v in reported.items() if k.startswith("val/")}
         objective = objective_of(validation, self.metric)
         if objective is None:
             return  # a checkpoint without a validation
         step = int(reported["step"])
-        if self._history is None:
-            self._history = self._earlier_history()
-        self._history[step] = objective
-        history = [[s, v] for s, v in sorted(self._history.items())]
+        self._this_launch[step] = objective
+        history = [[s, v] for s, v in sorted({**(self._earlier or {}), **self._this_launch}.items())]
         self._training_actor_item_queue.put({"step": step, OBJECTIVE: objective, HISTORY: history, **validation})
+
+    def _watch(self) -> None:
+        """Until the run ends: read the earlier validations once, then the early-stop mark every ``poll_s``;
+        on the mark, abort the run (from within its controller)."""
+        import ray
+        from mlflow.tracking import MlflowClient
+
+        from perceive_ir.tracking import RUN_NAME_TAG
+        from perceive_ir.tracking.buffer import limit_client_retries
+
+        limit_client_retries(1, 10)  # this process's only MLflow calls: short tries, retried here
+        client, run_id, away = MlflowClient(tracking_uri=self.tracking_uri), None, False
+        while True:
+            try:
+                if run_id is None:
+                    experiment = client.get_experiment_by_name(self.experiment)
+                    (found,) = client.search_runs([experiment.experiment_id],
+                                                  f"tags.`{RUN_NAME_TAG}` = '{self.run_name}'", max_results=1)
+                    run_id = found.info.run_id
+                if self._earlier is None:
+                    self._earlier = {int(step): value for step, value in objective_history(client, run_id, self.metric)}
+                if client.get_run(run_id).data.tags.get(SEARCH_TAGS["early_stopped"]) == "true":
+                    log.info("%s was stopped by the scheduler: aborting its training run", self.run_name)
+                    ray.get_runtime_context().current_actor.abort.remote()
+                    return
+                away = False
+            except Exception as err:  # noqa: BLE001 - MLflow raises many kinds; read again at the next poll
+                if not away:
+                    log.warning("%s: tracking store not answering (%s); early-stop mark and earlier validations "
+                                "read once it answers", self.run_name,
+                                str(err).splitlines()[0] if str(err) else type(err).__name__)
+                away = True
+            time.sleep(self.poll_s)
 
 
 def _ended_run(tracking_uri: str, experiment: str, run_name: str):
@@ -141,6 +148,27 @@ def _ended_run(tracking_uri: str, experiment: str, run_name: str):
     return None
 
 
+def _ended_run_once_store_answers(tracking_uri: str, experiment: str, run_name: str, wait_s: float):
+    """``_ended_run``, waiting up to ``wait_s`` for the tracking store: Tune restarts a trial whose node was
+    lost at once, and the store may be away at that moment (each failed start would spend one of the
+    trial's ``max_trial_failures``)."""
+    from perceive_ir.tracking.mlflow_run import safe_uri
+
+    deadline, pause = time.monotonic() + wait_s, 1.0
+    while True:
+        try:
+            return _ended_run(tracking_uri, experiment, run_name)
+        except Exception as err:  # noqa: BLE001 - MLflow raises many kinds while its server is away
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            if time.monotonic() + pause > deadline:
+                raise ConnectionError(f"{run_name}: MLflow tracking store '{safe_uri(tracking_uri)}' did not answer "
+                                      f"within trial_store_wait_s={wait_s:g} s: {reason}") from None
+            log.warning("%s: tracking store not answering (%s); the trial waits for it (%.0f s left)",
+                        run_name, reason, deadline - time.monotonic())
+            time.sleep(pause)
+            pause = min(2 * pause, 10.0)
+
+
 def run_trial(values: dict[str, Any], context: dict[str, Any]) -> None:
     """The Tune function: ``values`` are the sampled settings; ``context`` what the driver fixed."""
     import ray.tune
@@ -150,6 +178,7 @@ def run_trial(values: dict[str, Any], context: dict[str, Any]) -> None:
     from perceive_ir.orchestration.worker import job_root
     from perceive_ir.search.config import SearchConfig, make_plan
     from perceive_ir.tracking import resolve_tracking_uri
+    from perceive_ir.tracking.buffer import limit_client_retries
 
     logging.basicConfig(level=logging.INFO)
     root = job_root() or Path(context["repo"])
@@ -160,7 +189,8 @@ def run_trial(values: dict[str, Any], context: dict[str, Any]) -> None:
     name = trial_run_name(cfg.name, ray.tune.get_context().get_trial_id())
     trial_cfg = plan.trial_config(values, name, context["train_storage"])
     tracking_uri = resolve_tracking_uri(trial_cfg.tracking)
-    ended = _ended_run(tracking_uri, trial_cfg.tracking.experiment, name)
+    limit_client_retries(trial_cfg.tracking.http_max_retries, trial_cfg.tracking.http_timeout_s)
+    ended = _ended_run_once_store_answers(tracking_uri, trial_cfg.tracking.experiment, name, cfg.trial_store_wait_s)
     if ended is not None:  # ended before the driver was restarted: replay its last validation, train nothing
         validation = {k: v for k, v in ended.data.metrics.items() if k.startswith("val/")}
         objective = objective_of(validation, cfg.metric)
