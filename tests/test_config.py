@@ -112,3 +112,34 @@ def test_five_task_profiles_add_blur_and_low_light_to_the_three_task_ones():
         if stage == "stage2":
             assert five.loss == three.loss  # the five-task recipe differs in its data only
         assert five.name != three.name and five.tracking.register_as != three.tracking.register_as
+
+
+def test_the_paper_profiles_build_the_paper_network_and_the_hook_variant_is_its_own_profile():
+    from perceive_ir.orchestration.config import Stage2Config
+
+    def profile(name):
+        return load_config(Stage2Config, REPO / "configs" / name, STAGE2_PRODUCTS)
+
+    three, five, hooks = profile("stage2.yaml"), profile("stage2_five_task.yaml"), profile("stage2_hooks.yaml")
+    for paper in (three, five):
+        assert paper.restorer.conditioning.name == "perceive_ir_etb"
+        assert paper.restorer.backbone.params["prompts"] is False
+    assert hooks.restorer.conditioning.name == "perceive_ir" and hooks.restorer.backbone.params["prompts"] is True
+    assert "film_hidden" not in hooks.restorer.conditioning.params  # the section is replaced, not merged
+    assert (hooks.loss, hooks.data, hooks.loop) == (three.loss, three.data, three.loop)  # the rest is the paper's
+    assert hooks.tracking.register_as != three.tracking.register_as
+
+
+def test_a_profile_extends_another_section_by_section(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: base\nsteps: 5\noptim: {lr: 0.1, betas: [0.5, 0.6]}\ntags: [x]\n")
+    (tmp_path / "variant.yaml").write_text("extends: base.yaml\nname: variant\noptim: {lr: 0.2}\n")
+    cfg = load_config(Job, tmp_path / "variant.yaml", ["steps=7"])
+    assert (cfg.name, cfg.steps, cfg.tags) == ("variant", 7, ["x"])
+    assert cfg.optim == Optim(lr=0.2)  # the variant's section replaces the base's: its betas are the defaults
+    (tmp_path / "loop_a.yaml").write_text("extends: loop_b.yaml\n")
+    (tmp_path / "loop_b.yaml").write_text("extends: loop_a.yaml\n")
+    with pytest.raises(ConfigError, match="extend each other in a cycle: .*loop_a.yaml -> .*loop_b.yaml -> .*loop_a.yaml"):
+        load_config(Job, tmp_path / "loop_a.yaml")
+    (tmp_path / "orphan.yaml").write_text("extends: gone.yaml\n")
+    with pytest.raises(ConfigError, match="'.*gone.yaml' does not exist \\(extended by '.*orphan.yaml'\\)"):
+        load_config(Job, tmp_path / "orphan.yaml")

@@ -74,26 +74,42 @@ def _apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Build ``cls`` from a YAML file (optional) and ``key.path=value`` overrides."""
+    """Build ``cls`` from a YAML file (optional) and ``key.path=value`` overrides.
+
+    A file may start from another: ``extends: <file>`` (relative to the extending file's folder); each
+    top-level section the file gives replaces the base's whole section (a named variant of a profile
+    states what differs, section by section, and nothing of the base's section leaks into it)."""
     raw: dict[str, Any] = {}
     origin = _Origin(file=str(path) if path else "defaults")
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping at the top level, got {type(loaded).__name__}")
-        raw = loaded
+        raw = _read_profile(Path(path), [])
     for dotted, value in parse_overrides(overrides).items():
         _apply_override(raw, dotted, value)
         origin.overridden.add(dotted)
     return _build(cls, raw, "", origin)
+
+
+def _read_profile(path: Path, chain: list[Path]) -> dict[str, Any]:
+    """The file's mapping, on top of the profile it ``extends`` (if any)."""
+    if not path.is_file():
+        via = f" (extended by '{chain[-1]}')" if chain else ""
+        raise ConfigError(f"config file '{path}' does not exist{via}")
+    if path.resolve() in [p.resolve() for p in chain]:
+        raise ConfigError("config files extend each other in a cycle: " + " -> ".join(map(str, [*chain, path])))
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top level, got {type(loaded).__name__}")
+    base = loaded.pop("extends", None)
+    if base is None:
+        return loaded
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file '{path}': 'extends' must name a YAML file, got {base!r}")
+    return {**_read_profile(path.parent / base, [*chain, path]), **loaded}
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<dict>") -> T:
