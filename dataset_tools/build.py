@@ -32,6 +32,7 @@ from tqdm import tqdm
 from perceive_ir.config import to_dict
 from perceive_ir.data import images
 from perceive_ir.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, SkippedEntry
+from perceive_ir.data.pairing import describe_extensions
 from perceive_ir.data.storage import (
     StorageError,
     filesystem,
@@ -70,10 +71,24 @@ class BuildConfig:
     overwrite: bool = False
     progress: bool = True
     storage_options: dict[str, Any] = field(default_factory=dict)
+    # Relative source folders are under data_root (a local folder or URL); absolute ones are kept.
+    data_root: Optional[str] = None
+    # dataset name -> the number of images (clean sources) or pairs (paired sources) its sources must
+    # yield after pairing; checked before anything is written. expect={} turns the check off.
+    expect: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.sources:
             raise ValueError("at least one source is needed")
+        if self.data_root:
+            for src in self.sources:
+                src.clean = _under(self.data_root, src.clean)
+                if src.degraded:
+                    src.degraded = _under(self.data_root, src.degraded)
+        unknown = sorted(set(self.expect) - {s.dataset for s in self.sources})
+        if unknown:
+            raise ValueError(f"expect names datasets no source has: {unknown} "
+                             f"(sources: {sorted({s.dataset for s in self.sources})})")
         if self.max_samples_per_shard < 1 or self.max_bytes_per_shard < 1:
             raise ValueError("max_samples_per_shard and max_bytes_per_shard must be positive")
         if self.tile_stride is not None and self.tile_size is None:
@@ -86,12 +101,23 @@ class BuildConfig:
     def identity(self) -> dict[str, Any]:
         """The arguments that decide the output (not how fast it is made); secrets removed."""
         args = to_dict(self)
-        for transient in ("workers", "overwrite", "progress"):
+        # data_root is in the sources' folders; expect does not change the output.
+        for transient in ("workers", "overwrite", "progress", "data_root", "expect"):
             args.pop(transient)
         args["storage_options"] = redact(self.storage_options)
         for src in args["sources"]:
             src["storage_options"] = redact(src["storage_options"])
+            # Left out at their defaults: sets built before these settings existed keep their identity.
+            for name, default in (("across_folders", False), ("exclude", [])):
+                if src[name] == default:
+                    src.pop(name)
         return args
+
+
+def _under(root: str, location: str) -> str:
+    if "://" in location or os.path.isabs(location):
+        return location
+    return join(root, location) if "://" in root else os.path.join(os.path.abspath(root), location)
 
 
 @dataclass
@@ -326,13 +352,37 @@ def _results(items: list[Item], cfg: BuildConfig) -> Iterator[ItemResult]:
         yield from pool.imap(work, items, chunksize=1)
 
 
+def _source_folders(spec: SourceSpec) -> str:
+    return f"'{spec.degraded}' and '{spec.clean}'" if spec.degraded else f"'{spec.clean}'"
+
+
 def collect_items(cfg: BuildConfig) -> tuple[list[Item], list[SkippedEntry]]:
+    """The build's items (pairing done, nothing decoded) and the files skipped while pairing.
+
+    A source that yields nothing, and a dataset whose count differs from ``cfg.expect``, is an error
+    naming the folders and the extensions looked for.
+    """
     items: list[Item] = []
     skipped: list[SkippedEntry] = []
+    counts: dict[str, int] = {}
     for spec in cfg.sources:
         found, unpaired = enumerate_source(spec)
+        if not found:
+            what = f"no pairs by rule {spec.rule().describe()}" if spec.degraded else "no image files"
+            raise RuntimeError(f"source '{spec.dataset}': {what} in {_source_folders(spec)} "
+                               f"(extensions looked for: {describe_extensions()}; {len(unpaired)} files skipped)")
+        counts[spec.dataset] = counts.get(spec.dataset, 0) + len(found)
         items.extend(found)
         skipped.extend(SkippedEntry(src, reason) for src, reason in unpaired)
+    for dataset, expected in cfg.expect.items():
+        if counts[dataset] != expected:
+            folders = ", ".join(_source_folders(s) for s in cfg.sources if s.dataset == dataset)
+            kind = "pairs" if any(s.degraded for s in cfg.sources if s.dataset == dataset) else "images"
+            raise RuntimeError(
+                f"dataset '{dataset}': {counts[dataset]} {kind} found in {folders}, {expected} expected "
+                f"(extensions looked for: {describe_extensions()}; {len(skipped)} files skipped while pairing, "
+                f"e.g. {[s.source for s in skipped[:3]]}); pass expect.{dataset}=N or expect={{}} for another copy"
+            )
     if cfg.shuffle:
         random.Random(cfg.seed).shuffle(items)
     return items, skipped

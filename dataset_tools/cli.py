@@ -6,10 +6,12 @@ Examples:
       --degradation rain --match rain100
   perceive-shards build --config configs/data/build_example.yaml workers=4
   perceive-shards build --config configs/data/bsd400_wed.yaml --config configs/data/rain100l.yaml workers=8
+  perceive-shards build --config configs/data/sots_outdoor.yaml data_root=/data/raw output=/data/shards/sots_outdoor
   perceive-shards verify s3://bucket/rain --endpoint-url http://minio:9000
   perceive-shards inspect out/
 Settings after the options are ``key=value`` overrides of the build configuration
-(see dataset_tools/build.py: BuildConfig); with several ``--config`` files the sets are built in
+(see dataset_tools/build.py: BuildConfig; the recipes of configs/data/ take ``data_root=`` for the
+raw datasets' folder and ``output=`` for the shard set); with several ``--config`` files the sets are built in
 order, each with the same overrides, and a finished set is confirmed, not rebuilt. Every subcommand takes the S3 endpoint as
 ``--endpoint-url URL`` (default: $AWS_ENDPOINT_URL) and other storage options as
 ``--option KEY=VALUE``. Exit codes: 0 done, 1 storage unreachable or verification failed,
@@ -43,6 +45,9 @@ def _build_configs(args: argparse.Namespace) -> list[BuildConfig]:
         raise ConfigError(f"one output folder expected, got {outputs}")
     if outputs and len(args.config or []) > 1:
         raise ConfigError(f"an output folder ({outputs[0]}) with several --config files: each file names its own")
+    set_output = [o for o in overrides if o.partition("=")[0].strip() == "output"]
+    if set_output and len(args.config or []) > 1:
+        raise ConfigError(f"'{set_output[0]}' with several --config files: each file names its own output")
     if outputs:
         overrides.append(f"output={outputs[0]}")
     if args.clean:
