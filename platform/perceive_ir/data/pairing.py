@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 from perceive_ir.data.images import IMAGE_EXTENSIONS
-from perceive_ir.data.storage import StorageError, filesystem, unstrip
+from perceive_ir.data.storage import StorageError, filesystem, storage_error, unstrip
 
-__all__ = ["MATCH_RULES", "FolderNotFound", "PairRule", "Pairing", "describe_extensions", "is_image_file",
+__all__ = ["MATCH_RULES", "FolderNotFound", "PairRule", "Pairing", "describe_extensions", "image_name", "is_image_file",
            "list_images", "pair_images"]
 
 MATCH_RULES = ("same_path", "same_stem", "pattern", "rain100", "reside", "gopro")
@@ -49,6 +49,11 @@ _PRESETS: dict[str, tuple[tuple[str, ...], tuple[str, ...], bool]] = {
 
 class FolderNotFound(StorageError):
     """A folder of images does not exist (or is a file)."""
+
+
+def image_name(rel: str) -> str:
+    """An image's name in records and seeds: its relative path without the extension, ``/`` as ``_``."""
+    return rel.rsplit(".", 1)[0].replace("/", "_")
 
 
 def describe_extensions() -> str:
@@ -77,7 +82,7 @@ def list_images(url: str, storage_options: Optional[Mapping[str, Any]] = None, r
     except StorageError:
         raise
     except Exception as err:  # an unreachable bucket surfaces as many exception kinds
-        raise StorageError(f"cannot list folder '{url}': {type(err).__name__}: {err}") from err
+        raise storage_error(url, err, "list") from err
     root = root.rstrip("/")
     images = {}
     for path in sorted(found):

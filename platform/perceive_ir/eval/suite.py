@@ -2,11 +2,19 @@
 
 A set is one of
 
-- synthetic: ``clean`` (a folder of clean images, or ``package:photos``) and ``degradations``
-  (type -> named levels); every image is degraded by the seeded engine with the key
-  ``<set>/<image>``, so the inputs are identical at every evaluation, on any worker split;
-- paired folders: ``input`` and ``target`` (files paired by name), ``type`` naming the degradation;
+- synthetic: ``clean`` (a folder of clean images, a clean shard set built by ``perceive-shards``, or
+  ``package:photos``) and ``degradations`` (type -> named levels); every image is degraded by the
+  seeded engine with the key ``<set>/<image>``, so the inputs are identical at every evaluation, on
+  any worker split;
+- paired folders: ``input`` and ``target``, paired by ``match`` (the shard builder's rules,
+  :mod:`perceive_ir.data.pairing`: ``same_stem`` by default, ``rain100``, ``reside``, ``pattern``...),
+  ``type`` naming the degradation;
 - shards: ``shards``, a folder built by ``perceive-shards`` (its ``split`` samples, whole images).
+
+Images are found and read as the shard builder finds and reads them: every extension of
+``IMAGE_EXTENSIONS`` (tif/tiff and bmp included), 16-bit and grey converted by
+:func:`perceive_ir.data.images.decode_rgb8`'s rule. A set that yields no image, or fewer than its
+``expect``, is an error naming the folder and the extensions looked for.
 
 Relative locations are under ``data_root``. A missing set fails before any model is loaded
 (``if_missing: skip`` skips it instead); ``fallback`` sets replace the suite when every set was skipped.
@@ -22,14 +30,27 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from perceive_ir.config import to_dict
-from perceive_ir.data.images import SHARD_IMAGE_SUFFIXES
-from perceive_ir.data.storage import filesystem, is_unreachable, join, storage_error, unstrip
+from perceive_ir.data.manifest import MANIFEST_NAME
+from perceive_ir.data.pairing import (
+    FolderNotFound,
+    PairRule,
+    describe_extensions,
+    image_name,
+    list_images,
+    pair_images,
+)
+from perceive_ir.data.storage import StorageError, filesystem, is_unreachable, join, storage_error
 from perceive_ir.eval.items import Item, MissingSetError
-from perceive_ir.eval.shard_sets import shard_items
+from perceive_ir.eval.shard_sets import clean_shard_members, shard_items
 
-__all__ = ["SetConfig", "SuiteConfig", "Item", "MissingSetError", "resolve_suite", "suite_hash", "PACKAGE_PHOTOS"]
+__all__ = ["SetConfig", "SuiteConfig", "Item", "MissingSetError", "EmptySetError", "resolve_suite", "suite_hash",
+           "PACKAGE_PHOTOS"]
 
 PACKAGE_PHOTOS = "package:photos"
+
+
+class EmptySetError(ValueError):
+    """A test set was found but yields no image, or fewer than its ``expect``."""
 
 
 @dataclass
@@ -44,6 +65,10 @@ class SetConfig:
     split: str = "test"
     limit: Optional[int] = None  # the first N images (sorted by name)
     if_missing: Literal["fail", "skip"] = "fail"
+    expect: Optional[int] = None  # at least this many images (pairs, samples): fewer is an error
+    match: str = "same_stem"  # paired folders: the shard builder's pairing rule
+    degraded_pattern: Optional[str | list[str]] = None  # match: pattern
+    clean_pattern: Optional[str | list[str]] = None
 
     def __post_init__(self) -> None:
         kinds = [k for k, on in (("clean", self.clean), ("input/target", self.input or self.target),
@@ -56,6 +81,12 @@ class SetConfig:
             raise ValueError(f"paired set '{self.name}' needs input, target and type")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"set '{self.name}': limit must be >= 1")
+        if self.expect is not None and self.expect < 1:
+            raise ValueError(f"set '{self.name}': expect must be >= 1")
+        try:
+            self.rule()
+        except ValueError as err:
+            raise ValueError(f"set '{self.name}': {err}") from None
         from perceive_ir.degrade import get
 
         for name, levels in self.degradations.items():
@@ -63,6 +94,9 @@ class SetConfig:
             for level in levels:
                 if level not in known:
                     raise ValueError(f"set '{self.name}': '{name}' has no level '{level}'; known: {', '.join(known)}")
+
+    def rule(self) -> PairRule:
+        return PairRule.of(self.match, self.degraded_pattern, self.clean_pattern)
 
 
 @dataclass
@@ -89,49 +123,84 @@ def _location(root: str, location: str) -> str:
     return join(root, location) if "://" in root else str((Path(root) / location).resolve())
 
 
-def _images(folder: str) -> dict[str, str]:
-    """``{stem: url}`` of the image files directly in ``folder``."""
+def _images(folder: str, recursive: bool = False) -> dict[str, str]:
+    """``{relative path: url}`` of the image files in ``folder`` (directly in it unless ``recursive``)."""
     try:
-        fs, path = filesystem(folder)
-        present = fs.isdir(path)
-    except Exception as err:  # noqa: BLE001 - stores raise many kinds
+        return list_images(folder, recursive=recursive)
+    except FolderNotFound:
+        raise MissingSetError(folder) from None
+    except StorageError as err:
         if is_unreachable(err):  # a store that does not answer is no missing set: no fallback replaces it
             raise storage_error(folder, err, "list") from err
-        present = False
-    if not present:
-        raise MissingSetError(folder)
-    found = {}
-    for entry in sorted(fs.ls(path, detail=False)):
-        name = entry.rstrip("/").rsplit("/", 1)[-1]
-        if "." in name and name.rsplit(".", 1)[1].lower() in SHARD_IMAGE_SUFFIXES:
-            found[name.rsplit(".", 1)[0]] = unstrip(fs, entry)
-    return found
+        raise MissingSetError(folder) from None
 
 
-def _clean_images(location: str) -> dict[str, str]:
+def _none_found(s: SetConfig, what: str, folders: str) -> EmptySetError:
+    return EmptySetError(f"set '{s.name}': {what} in {folders} (extensions looked for: {describe_extensions()})")
+
+
+def _check_count(s: SetConfig, found: int, what: str, folders: str) -> None:
+    if not found:
+        raise _none_found(s, f"no {what}", folders)
+    if s.expect is not None and found < s.expect:
+        raise _none_found(s, f"{found} {what}, {s.expect} expected (expect)", folders)
+
+
+def _is_shard_set(location: str) -> bool:
+    try:
+        fs, path = filesystem(location)
+        return fs.isfile(f"{path.rstrip('/')}/{MANIFEST_NAME}")
+    except Exception as err:  # noqa: BLE001 - stores raise many kinds
+        if is_unreachable(err):
+            raise storage_error(location, err, "list") from err
+        return False
+
+
+def _clean_items(s: SetConfig, location: str) -> list[tuple[str, str, Optional[str]]]:
+    """``(image name, clean file or member, shard or None)`` of a synthetic set, sorted by name."""
     if location == PACKAGE_PHOTOS:
         from perceive_ir.data.package_photos import photo_files
 
-        return {name.rsplit(".", 1)[0]: str(path) for name, path in photo_files().items()}
-    return _images(location)
+        return sorted((name.rsplit(".", 1)[0], str(path), None) for name, path in photo_files().items())
+    if _is_shard_set(location):
+        found = clean_shard_members(location, s.split, s.name)
+        _check_count(s, len(found), f"'{s.split}' samples", f"shard set '{location}'")
+        return found
+    images = _images(location)
+    _check_count(s, len(images), "image files", f"'{location}'")
+    return sorted((image_name(rel), url, None) for rel, url in images.items())
+
+
+def _paired_items(s: SetConfig, root: str) -> list[Item]:
+    input_folder, target_folder = _location(root, s.input), _location(root, s.target)
+    # Recursive like the shard builder (GoPro's <sequence>/blur and <sequence>/sharp).
+    degraded, clean = _images(input_folder, recursive=True), _images(target_folder, recursive=True)
+    folders = f"'{input_folder}' and '{target_folder}'"
+    rule = s.rule()
+    pairing = pair_images(degraded, clean, rule)
+    unpaired = [rel for rel, _ in pairing.skipped]
+    if unpaired:
+        raise ValueError(f"set '{s.name}': images without a partner in {folders} by rule {rule.describe()}: "
+                         f"{unpaired[:5]}{' ...' if len(unpaired) > 5 else ''} ({len(unpaired)} in all)")
+    _check_count(s, len(pairing.pairs), "image pairs", folders)
+    pairs = sorted((image_name(lq_rel), lq_url, gt_url) for lq_rel, lq_url, _, gt_url in pairing.pairs)
+    return [Item(s.name, n, s.type, "", gt, lq) for n, lq, gt in pairs[: s.limit]]
 
 
 def _set_items(s: SetConfig, root: str) -> list[Item]:
     from perceive_ir.degrade import get
 
     if s.clean:
-        clean = _clean_images(_location(root, s.clean))
-        names = sorted(clean)[: s.limit]
-        return [Item(s.name, n, t, level, clean[n], severity=get(t).levels[level])
-                for t, levels in s.degradations.items() for level in levels for n in names]
+        names = _clean_items(s, _location(root, s.clean))[: s.limit]
+        return [Item(s.name, n, t, level, clean, shard=shard, severity=get(t).levels[level])
+                for t, levels in s.degradations.items() for level in levels for n, clean, shard in names]
     if s.input:
-        degraded, clean = _images(_location(root, s.input)), _images(_location(root, s.target))
-        unpaired = sorted(set(degraded) ^ set(clean))
-        if unpaired:
-            raise ValueError(f"set '{s.name}': images without a partner in input/target: {unpaired[:5]}")
-        return [Item(s.name, n, s.type, "", clean[n], degraded[n]) for n in sorted(clean)[: s.limit]]
-
-    return shard_items(s, _location(root, s.shards))
+        return _paired_items(s, root)
+    items = shard_items(s, _location(root, s.shards))
+    if s.expect is not None and len(items) < s.expect:
+        raise _none_found(s, f"{len(items)} paired '{s.split}' samples, {s.expect} expected (expect)",
+                          f"shard set '{_location(root, s.shards)}'")
+    return items
 
 
 def resolve_suite(suite: SuiteConfig) -> tuple[list[SetConfig], list[Item], list[str]]:
@@ -160,10 +229,20 @@ def resolve_suite(suite: SuiteConfig) -> tuple[list[SetConfig], list[Item], list
     return used, items, notes
 
 
+def _set_identity(s: SetConfig) -> dict:
+    """The set's fields that decide its numbers; the pairing fields only where set (older hashes stay)."""
+    fields = to_dict(s) | {"if_missing": None}
+    fields.pop("expect")
+    for name, default in (("match", "same_stem"), ("degraded_pattern", None), ("clean_pattern", None)):
+        if fields[name] == default:
+            fields.pop(name)
+    return fields
+
+
 def suite_hash(suite: SuiteConfig, used: list[SetConfig], items: list[Item], y_channel: bool) -> str:
     """What the numbers depend on: sets used, image names, seed, quantisation, metric channel."""
     identity = {
-        "sets": [to_dict(s) | {"if_missing": None} for s in used],
+        "sets": [_set_identity(s) for s in used],
         "images": sorted(f"{i.set}/{i.type}/{i.level}/{i.image}" for i in items),
         "seed": suite.seed,
         "quantize_input": suite.quantize_input,
