@@ -218,7 +218,12 @@ def test_evaluation_of_a_registered_tiny_restorer_on_ray(photo_sets, tmp_path, c
     config = tmp_path / "suite.yaml"
     import yaml
 
-    config.write_text(yaml.safe_dump(small_suite(photo_sets)))
+    published = tmp_path / "published.yaml"
+    published.write_text(yaml.safe_dump({"small": {"columns": ["noise", "jpeg", "average"], "rows": {
+        "Perceive-IR": {"psnr": [30.0, 32.0, 31.0], "ssim": [0.9, 0.95, 0.925], "source": "a paper"}}}}))
+    config.write_text(yaml.safe_dump(small_suite(photo_sets, paper_table={
+        "recipe": "small", "published": str(published),
+        "columns": {"noise": "photos/gaussian_noise/sigma25", "jpeg": "jpeg-pairs/jpeg"}})))
     try:
         code = evaluate.main(["--config", str(config), f"model={model}", f"tracking.uri={uri}",
                               "tracking.experiment=eval-test", f"output={tmp_path / 'reports'}", "ray.num_workers=2",
@@ -240,6 +245,13 @@ def test_evaluation_of_a_registered_tiny_restorer_on_ray(photo_sets, tmp_path, c
     files = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {f"evaluation/{f}" for f in ("table.md", "table.csv", "per_image.csv", "severity_curves.png",
                                          "best_worst.png", "suite.yaml")} <= files
+    # the papers' table: the published row, this model's row from the table above, the difference
+    noise, jpeg = (metrics[f"eval/{key}/psnr_out"] for key in ("photos/gaussian_noise/sigma25", "jpeg-pairs/jpeg/test"))
+    assert math.isclose(metrics["paper/average/psnr"], (noise + jpeg) / 2, abs_tol=1e-6)
+    assert math.isclose(metrics["paper/delta_average/psnr"], (noise + jpeg) / 2 - 31.0, abs_tol=1e-6)
+    assert "| Perceive-IR | 30.00 / 0.900 | 32.00 / 0.950 | 31.00 / 0.925 | a paper |" in out
+    assert f"| **{model}** | **{noise:.2f} / " in out and "| vs Perceive-IR | " in out
+    assert {"evaluation/paper_table.md", "evaluation/paper_table.csv"} <= files
     # the trained restorer denoises; the identity start keeps it from hurting the other types much
     assert metrics["eval/photos/gaussian_noise/sigma25/psnr_out"] > metrics["eval/photos/gaussian_noise/sigma25/psnr_in"] + 0.5
     version = client.get_model_version("tiny-restorer", "1")
@@ -247,7 +259,9 @@ def test_evaluation_of_a_registered_tiny_restorer_on_ray(photo_sets, tmp_path, c
     assert math.isclose(float(version.tags["eval.small.psnr_out"]), metrics["eval/average/psnr_out"], abs_tol=1e-3)
 
     # the workers' numbers are the ones of a plain one-process Scorer on the same images
-    suite = load_config(SuiteConfig, config)
+    from perceive_ir.workflows.evaluation import EvalConfig
+
+    suite = load_config(EvalConfig, config)
     _, items, _ = resolve_suite(suite)
     local = {(r.set, r.type, r.level, r.image): r for r in Scorer(net, InferenceConfig(), seed=suite.seed).score(items)}
     (table,) = [p for p in (tmp_path / "reports").glob("small-*/per_image.csv")]
@@ -259,3 +273,36 @@ def test_evaluation_of_a_registered_tiny_restorer_on_ray(photo_sets, tmp_path, c
         assert math.isclose(float(row["ssim_in"]), expected.ssim_in, abs_tol=1e-6)
     with Image.open(next((tmp_path / "reports").glob("small-*/severity_curves.png"))) as plot:
         assert plot.size[0] > 300
+
+
+@pytest.mark.parametrize("suite", ["paper.yaml", "paper_five_task.yaml"])
+def test_the_paper_suites_map_every_published_test_set_to_a_row_they_score(suite, tmp_path):
+    """Without data or a model: each suite's paper_table names the published test sets of its recipe and
+    rows its own sets define (the evaluation checks the scored rows again before loading a model)."""
+    from perceive_ir.eval.paper_table import AVERAGE, load_published, resolve_published_path
+    from perceive_ir.workflows.evaluation import EvalConfig
+
+    cfg = load_config(EvalConfig, REPO / "configs/eval" / suite)
+    defined = set()
+    for s in cfg.sets:
+        for kind, levels in (s.degradations.items() if s.clean else [(s.type, [""])]):
+            defined |= {(s.name, kind, level) for level in levels}
+    published = load_published(resolve_published_path(cfg.paper_table.published, REPO), cfg.paper_table, defined)
+    assert "Perceive-IR" in published.rows and published.columns[-1] == AVERAGE
+    assert len(cfg.paper_table.columns) == len(published.columns) - 1
+
+
+def test_a_paper_table_that_does_not_fit_the_suite_fails_naming_what(tmp_path):
+    from perceive_ir.eval.paper_table import PaperTableConfig, load_published
+
+    published = REPO / "configs/eval/published_results.yaml"
+    scored = [("CBSD68", "gaussian_noise", "sigma25"), ("SOTS", "haze", "")]
+    with pytest.raises(ValueError, match="missing: cbsd68_sigma15, .*rain100l"):
+        load_published(published, PaperTableConfig("three_task", {"cbsd68_sigma25": "CBSD68/gaussian_noise/sigma25"}),
+                       scored)
+    columns = {"sots_outdoor": "SOTS/haze", "rain100l": "Rain100L/rain", "cbsd68_sigma25": "CBSD68/gaussian_noise/sigma25",
+               "gopro": "GoPro/motion_blur", "lol_v1": "LOL/low_light"}
+    with pytest.raises(ValueError, match="rows the suite does not score: rain100l -> Rain100L/rain; gopro"):
+        load_published(published, PaperTableConfig("five_task", columns), scored)
+    with pytest.raises(ValueError, match="recipe 'seven_task' is not in .*: three_task, five_task"):
+        load_published(published, PaperTableConfig("seven_task", columns), scored)

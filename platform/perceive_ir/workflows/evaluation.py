@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from perceive_ir.config import flatten, to_dict
 from perceive_ir.eval.inference import InferenceConfig
+from perceive_ir.eval.paper_table import PaperTable, PaperTableConfig, load_published, paper_table, resolve_published_path
 from perceive_ir.eval.report import Row, by_type, headline, markdown_table, severity_plot, summarize, write_csv, write_records
 from perceive_ir.eval.scoring import Record
 from perceive_ir.eval.suite import Item, SuiteConfig, resolve_suite, suite_hash
@@ -51,6 +52,7 @@ class EvalConfig(SuiteConfig):
     output: str = "runs/eval"  # local folder of the reports (also logged to MLflow)
     grid_images: int = 3  # best and worst images each in the grid
     progress: bool = True
+    paper_table: Optional[PaperTableConfig] = None  # the papers' table, published rows beside this model's
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,6 +75,7 @@ class EvaluationResult:
     grid: Optional[Path]
     notes: list[str] = field(default_factory=list)
     version_tags: dict[str, str] = field(default_factory=dict)
+    paper: Optional[PaperTable] = None
 
 
 def chunk_size(inference: InferenceConfig) -> int:
@@ -248,6 +251,10 @@ def run_evaluation(cfg: EvalConfig, working_dir: Optional[Path] = None) -> Evalu
         raise ValueError("no model to evaluate: set model=<runs:/<id>/restorer | models:/<name>/<n> | folder>")
     used, items, notes = resolve_suite(cfg)  # fails on a missing set before the model is touched
     digest = suite_hash(cfg, used, items, cfg.metrics.y_channel)
+    published = None
+    if cfg.paper_table is not None:  # checked against the suite before the model is touched
+        published = load_published(resolve_published_path(cfg.paper_table.published, working_dir), cfg.paper_table,
+                                   [(i.set, i.type, i.level) for i in items])
     for note in notes:
         log.warning("%s", note)
     tracking_uri = resolve_tracking_uri(cfg.tracking)
@@ -264,19 +271,25 @@ def run_evaluation(cfg: EvalConfig, working_dir: Optional[Path] = None) -> Evalu
         stamp = time.strftime("%Y%m%d-%H%M%S")
         folder = Path(cfg.output) / f"{cfg.name}-{stamp}"
         table, curves, grid = _write_reports(cfg, rows, records, folder, workers, items)
+        paper = None
+        if published is not None:
+            paper = paper_table(rows, cfg.paper_table, published, cfg.model)
+            (folder / "paper_table.md").write_text(f"# {cfg.name}: {cfg.model}\n\n{paper.markdown()}")
+            paper.write_csv(folder / "paper_table.csv")
     finally:
         for worker in workers:
             ray.kill(worker)
     tags = {"job": "evaluate", "eval.suite": cfg.name, "eval.suite_hash": digest, **ref.tags(), **version_tags()}
     _, run_id, _ = find_or_create_run(cfg.tracking, f"eval-{cfg.name}-{stamp}", flatten(cfg), tags, "evaluate")
     tracker = RunTracker(tracking_uri, run_id)
-    tracker.log_metrics(_metrics(rows, per_type, mean) | {"eval/images_per_s": len(records) / elapsed}, step=0)
+    tracker.log_metrics(_metrics(rows, per_type, mean) | {"eval/images_per_s": len(records) / elapsed}
+                        | (paper.metrics() if paper else {}), step=0)
     tracker.log_folder(folder, "evaluation")
     tracker.finish("FINISHED")
     version_tags_set = tag_model_version(ref, tracking_uri, cfg.name, {f"{k}": v for k, v in mean.items()},
                                          {"suite_hash": digest, "run_id": run_id})
     return EvaluationResult(run_id, tracking_uri, digest, rows, records, mean, per_type, folder, table, curves, grid,
-                            notes, version_tags_set)
+                            notes, version_tags_set, paper)
 
 
 def format_result(result: EvaluationResult) -> str:
@@ -285,7 +298,10 @@ def format_result(result: EvaluationResult) -> str:
     lines.append(result.table)
     lines.append("per type:   " + "; ".join(f"{t} {v['psnr_in']:.2f} -> {v['psnr_out']:.2f} dB"
                                             for t, v in result.per_type.items()))
-    lines.append(f"reports:    {result.folder} (table.md, table.csv, per_image.csv)")
+    if result.paper:
+        lines.append(result.paper.markdown())
+    lines.append(f"reports:    {result.folder} (table.md, table.csv, per_image.csv"
+                 + (", paper_table.md, paper_table.csv)" if result.paper else ")"))
     if result.curves:
         lines.append(f"curves:     {result.curves}")
     if result.grid:
