@@ -69,6 +69,7 @@ class SetConfig:
     match: str = "same_stem"  # paired folders: the shard builder's pairing rule
     degraded_pattern: Optional[str | list[str]] = None  # match: pattern
     clean_pattern: Optional[str | list[str]] = None
+    exclude: list[str] = field(default_factory=list)  # globs over relative paths, e.g. "*/blur_gamma/*"
 
     def __post_init__(self) -> None:
         kinds = [k for k, on in (("clean", self.clean), ("input/target", self.input or self.target),
@@ -123,10 +124,10 @@ def _location(root: str, location: str) -> str:
     return join(root, location) if "://" in root else str((Path(root) / location).resolve())
 
 
-def _images(folder: str, recursive: bool = False) -> dict[str, str]:
+def _images(folder: str, recursive: bool = False, exclude: list[str] = ()) -> dict[str, str]:
     """``{relative path: url}`` of the image files in ``folder`` (directly in it unless ``recursive``)."""
     try:
-        return list_images(folder, recursive=recursive)
+        return list_images(folder, recursive=recursive, exclude=exclude)
     except FolderNotFound:
         raise MissingSetError(folder) from None
     except StorageError as err:
@@ -166,7 +167,7 @@ def _clean_items(s: SetConfig, location: str) -> list[tuple[str, str, Optional[s
         found = clean_shard_members(location, s.split, s.name)
         _check_count(s, len(found), f"'{s.split}' samples", f"shard set '{location}'")
         return found
-    images = _images(location)
+    images = _images(location, exclude=s.exclude)
     _check_count(s, len(images), "image files", f"'{location}'")
     return sorted((image_name(rel), url, None) for rel, url in images.items())
 
@@ -174,7 +175,8 @@ def _clean_items(s: SetConfig, location: str) -> list[tuple[str, str, Optional[s
 def _paired_items(s: SetConfig, root: str) -> list[Item]:
     input_folder, target_folder = _location(root, s.input), _location(root, s.target)
     # Recursive like the shard builder (GoPro's <sequence>/blur and <sequence>/sharp).
-    degraded, clean = _images(input_folder, recursive=True), _images(target_folder, recursive=True)
+    degraded = _images(input_folder, recursive=True, exclude=s.exclude)
+    clean = _images(target_folder, recursive=True, exclude=s.exclude)
     folders = f"'{input_folder}' and '{target_folder}'"
     rule = s.rule()
     pairing = pair_images(degraded, clean, rule)
@@ -233,7 +235,7 @@ def _set_identity(s: SetConfig) -> dict:
     """The set's fields that decide its numbers; the pairing fields only where set (older hashes stay)."""
     fields = to_dict(s) | {"if_missing": None}
     fields.pop("expect")
-    for name, default in (("match", "same_stem"), ("degraded_pattern", None), ("clean_pattern", None)):
+    for name, default in (("match", "same_stem"), ("degraded_pattern", None), ("clean_pattern", None), ("exclude", [])):
         if fields[name] == default:
             fields.pop(name)
     return fields
