@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--dataset", help="dataset name recorded in every sample")
     b.add_argument("--split", default="train")
     b.add_argument("--degradation", help="degradation type of a paired set (rain, haze, blur...)")
-    b.add_argument("--match", default="same_stem", help="pairing rule: same_path, same_stem, rain100, reside")
+    b.add_argument("--match", default="same_stem", help="pairing rule: same_path, same_stem, rain100, reside, gopro (see perceive_ir.data.pairing)")
     b.add_argument("--workers", type=int, help="parallel worker processes")
     _storage_arguments(b)
 

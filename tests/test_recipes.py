@@ -24,7 +24,7 @@ from perceive_ir.data.pairing import PairRule, list_images, pair_images
 RECIPES = REPO / "configs" / "data"
 TRAINING = ["bsd400_wed", "rain100l", "reside_ots", "gopro", "lol_v1"]
 TESTS = ["sots_outdoor", "rain100l_test", "gopro_test", "lol_v1_eval15", "cbsd68", "kodak24", "mcmaster", "urban100"]
-BENCHMARKS = "s3://perceive-ir-data/benchmarks"
+BENCHMARKS = "s3://perceive-ir-raw/benchmarks"
 LIFT = 60  # a degraded image is its clean image brightened by LIFT (+5 per further version)
 
 
