@@ -2,9 +2,14 @@
 
 1. one trial inside Tune (Tune's fit) against the same stage-2 run launched alone (same steps, same
    Ray), wall time; and the whole one-trial search (parent run, results table, plot) against it;
-2. the trial-steps a 4-trial search trains under ASHA against FIFO (learning rates 3e-3 .. 1.0).
+2. the trial-steps a 4-trial search trains under ASHA against FIFO (learning rates 3e-3 .. 1.0);
+3. ``--node-loss``: on a 5-node Ray cluster on this machine (tests/_tune_cluster.py), the time from the
+   loss of the node running a trial's function to that trial's first resumed step (Tune restarts it,
+   its run resumes from its checkpoint), against the same trial's first launch to its first step; with
+   the tracking store up, and away for the first ``--store-away`` seconds after the loss.
 
     python benchmarks/bench_tune.py [--steps 600] [--val-every 200] [--search-steps 30] [--overhead-only]
+    python benchmarks/bench_tune.py --node-loss [--store-away 10]
 
 Tune adds a roughly fixed cost per trial (its trial actor, a process that imports the platform, then
 the trial's own Train run), so the ratio in 1. depends on the trial's length: the default, 600 steps,
@@ -72,11 +77,16 @@ def main() -> None:
     parser.add_argument("--search-steps", type=int, default=30, help="trial length of the searches in 2.")
     parser.add_argument("--search-val-every", type=int, default=10)
     parser.add_argument("--overhead-only", action="store_true", help="skip the 4-trial ASHA/FIFO searches")
+    parser.add_argument("--node-loss", action="store_true", help="only 3.: a trial's node lost on a local cluster")
+    parser.add_argument("--store-away", type=float, default=10.0, help="seconds the store is away in 3.'s second drill")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import os
 
     os.chdir(REPO)
+    if args.node_loss:
+        node_loss(args.store_away)
+        return
     from perceive_ir.orchestration.ray_runtime import connect, launch
     from perceive_ir.search.runner import run_search
 
@@ -124,6 +134,28 @@ def main() -> None:
     print(f"4 trials x {args.search_steps} steps, 2 at a time: FIFO trained {fifo_steps} trial-steps in "
           f"{fifo_s:.1f} s; ASHA {asha_steps} in {asha_s:.1f} s ({stopped} stopped early; "
           f"{fifo_steps - asha_steps} trial-steps saved, {1 - asha_steps / fifo_steps:.0%})")
+
+
+def node_loss(store_away_s: float) -> None:
+    from _tune_cluster import node_loss_drill, resumed_runs
+    from perceive_ir.data.package_photos import copy_photos
+
+    for away in (0.0, store_away_s):
+        root = Path(tempfile.mkdtemp(prefix="bench_tune-node-"))
+        photos = root / "photos"
+        photos.mkdir()
+        copy_photos(photos)
+        drill = node_loss_drill(root, photos, away)
+        try:
+            if "error" in drill.seen:
+                raise RuntimeError(f"the drill failed: {drill.seen['error']}")
+            for name, run in resumed_runs(drill).items():
+                print(f"trial {name}, store away {away:g} s after the loss: node lost -> first resumed step "
+                      f"{run['loss_to_resumed_s']:.1f} s (resumed from its checkpoint at step {run['resumed_from']}); "
+                      f"its first launch -> first step {run['start_to_first_step_s']:.1f} s "
+                      f"(ratio {run['loss_to_resumed_s'] / run['start_to_first_step_s']:.2f}x)")
+        finally:
+            drill.server.stop()
 
 
 if __name__ == "__main__":
