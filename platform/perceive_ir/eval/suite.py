@@ -198,8 +198,8 @@ def _set_items(s: SetConfig, root: str) -> list[Item]:
                 for t, levels in s.degradations.items() for level in levels for n, clean, shard in names]
     if s.input:
         return _paired_items(s, root)
-    items = shard_items(s, _location(root, s.shards))
-    if s.expect is not None and len(items) < s.expect:
+    items = shard_items(s, _location(root, s.shards))  # its first `limit` ones
+    if s.expect is not None and len(items) < min(s.expect, s.limit or s.expect):
         raise _none_found(s, f"{len(items)} paired '{s.split}' samples, {s.expect} expected (expect)",
                           f"shard set '{_location(root, s.shards)}'")
     return items
