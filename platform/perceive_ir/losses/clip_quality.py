@@ -1,4 +1,7 @@
-"""L_clip: 1 - p(excellent) of the restored image under the frozen stage-1 perceiver."""
+"""L_clip: 1 - p(excellent) of the restored image under the frozen stage-1 perceiver.
+
+The perceiver's CLIP towers stay fp32 under a bf16 trainer and compute the probabilities in fp32
+(``models.precision``): the loss is an fp32 scalar whatever the dtype of the restored image."""
 
 from __future__ import annotations
 
@@ -25,5 +28,5 @@ class ClipQualityLoss(nn.Module):
         self.perceiver = perceiver.requires_grad_(False)
 
     def forward(self, restored: torch.Tensor) -> torch.Tensor:
-        probs = self.perceiver.tier_probs(restored.clamp(0, 1), use_logit_scale=self.cfg.use_logit_scale)
-        return (1 - probs[:, -1]).mean()
+        probs = self.perceiver.tier_probs(restored.float().clamp(0, 1), use_logit_scale=self.cfg.use_logit_scale)
+        return (1 - probs[:, -1].float()).mean()

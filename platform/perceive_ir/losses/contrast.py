@@ -27,6 +27,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from perceive_ir.models.precision import at_least_fp32
+
 __all__ = ["ContrastConfig", "DegradationContrastLoss", "gather_with_grad"]
 
 
@@ -63,13 +65,15 @@ class DegradationContrastLoss(nn.Module):
         if anchors is None:
             self._step_keys = None
             return
-        self._step_keys = (F.normalize(anchors, dim=-1), F.normalize(positives, dim=-1), types, rows)
+        self._step_keys = (F.normalize(at_least_fp32(anchors), dim=-1), F.normalize(at_least_fp32(positives), dim=-1),
+                           types, rows)
 
     def forward(self, anchor: torch.Tensor, positive: torch.Tensor,
                 types: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``anchor``/``positive``: B x D codes; ``types``: B integer degradation labels.
         Returns (loss, fraction of anchors without a negative (detached))."""
-        anchor, positive = F.normalize(anchor, dim=-1), F.normalize(positive, dim=-1)
+        # fp32 whatever the codes' dtype: logits of cosines / 0.1 in bf16 would keep 2-3 digits
+        anchor, positive = F.normalize(at_least_fp32(anchor), dim=-1), F.normalize(at_least_fp32(positive), dim=-1)
         if self._step_keys is not None:
             step_anchor, step_positive, all_types, rows = self._step_keys
             all_anchor = torch.cat([step_anchor[: rows.start], anchor, step_anchor[rows.stop:]])

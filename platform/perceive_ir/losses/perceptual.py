@@ -17,6 +17,11 @@ medium-tier outputs (hard). Two rules set the difficulty weights a_{n,b} (``diff
   degraded input included; with ``difficulty_reference: relative`` the score is taken minus the
   current output's score. Thresholds t_1 < ... < t_{T-1} split scores into T tiers (tier = number
   of thresholds <= score) and tier k weighs ``tier_weights[k]``. Without a perceiver all weigh 1.
+
+The features, distances, weights and the ratio are fp32 whatever the dtype of the images (a bf16
+trainer): the frozen VGG-16 keeps fp32 weights (``models.precision``), and in bf16 the small
+distances of the ratio drown in rounding. The loss is an fp32 scalar; gradients reach the
+restored image in its own dtype.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 from torch import nn
 
 from perceive_ir.eval.metrics import psnr
+from perceive_ir.models.precision import full_precision
 from perceive_ir.models.vgg_features import VGGConfig, VGGFeatures
 
 __all__ = ["PerceptualConfig", "DifficultyAdaptivePerceptualLoss", "difficulty_weights", "reference_weights"]
@@ -99,20 +105,20 @@ class DifficultyAdaptivePerceptualLoss(nn.Module):
     @torch.no_grad()
     def negative_weights(self, restored: torch.Tensor, target: torch.Tensor,
                          negatives: Sequence[torch.Tensor]) -> torch.Tensor:
-        """N x B difficulty weights; ``negatives[0]`` is the degraded input."""
+        """N x B fp32 difficulty weights; ``negatives[0]`` is the degraded input."""
         if self.uses_probe:
-            medium = [psnr(n.clamp(0, 1), target.clamp(0, 1)) for n in negatives[1:]]
+            medium = [psnr(n.float().clamp(0, 1), target.float().clamp(0, 1)) for n in negatives[1:]]
             medium_psnr = torch.stack(medium) if medium else target.new_zeros(0, target.shape[0], dtype=torch.float32)
             cfg = self.cfg
-            weights = reference_weights(medium_psnr, self.probe_psnr.float(), cfg.hard_weight, cfg.easy_weight,
-                                        cfg.degraded_weight)
-            return weights.to(restored.dtype)
+            weights = reference_weights(medium_psnr.float(), self.probe_psnr.float(), cfg.hard_weight,
+                                        cfg.easy_weight, cfg.degraded_weight)
+            return weights.float()
         if self.perceiver is None:
-            return torch.ones(len(negatives), restored.shape[0], device=restored.device, dtype=restored.dtype)
+            return torch.ones(len(negatives), restored.shape[0], device=restored.device, dtype=torch.float32)
         scores = torch.stack([self.perceiver.quality_score(n.clamp(0, 1)) for n in negatives])
         if self.cfg.difficulty_reference == "relative":
             scores = scores - self.perceiver.quality_score(restored.detach().clamp(0, 1))[None]
-        return difficulty_weights(scores.float(), self.cfg.tier_thresholds, self.cfg.tier_weights).to(restored.dtype)
+        return difficulty_weights(scores.float(), self.cfg.tier_thresholds, self.cfg.tier_weights)
 
     def forward(
         self,
@@ -123,13 +129,16 @@ class DifficultyAdaptivePerceptualLoss(nn.Module):
     ) -> torch.Tensor:
         if weights is None:
             weights = self.negative_weights(restored, target, negatives)
-        anchor = self.vgg(restored)
+        weights = weights.float()
+        anchor = self.vgg(restored)  # fp32 features (the VGG casts)
         with torch.no_grad():
             positive = self.vgg(target)
             negative_feats = [self.vgg(n) for n in negatives]
-        loss = restored.new_zeros(restored.shape[0])
-        for layer, w in enumerate(self.cfg.layer_weights):
-            d_pos = _distance(anchor[layer], positive[layer])
-            d_neg = sum(weights[n] * _distance(anchor[layer], feats[layer]) for n, feats in enumerate(negative_feats))
-            loss = loss + w * d_pos / (d_neg + self.cfg.eps)
-        return loss.mean()
+        with full_precision(restored.device):
+            loss = torch.zeros(restored.shape[0], device=restored.device, dtype=torch.float32)
+            for layer, w in enumerate(self.cfg.layer_weights):
+                d_pos = _distance(anchor[layer], positive[layer])
+                d_neg = sum(weights[n] * _distance(anchor[layer], feats[layer])
+                            for n, feats in enumerate(negative_feats))
+                loss = loss + w * d_pos / (d_neg + self.cfg.eps)
+            return loss.mean()

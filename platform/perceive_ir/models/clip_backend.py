@@ -33,6 +33,7 @@ from torch import nn
 
 from perceive_ir import weights
 from perceive_ir.models.layers import frozen
+from perceive_ir.models.precision import full_precision
 
 __all__ = [
     "ACTIVATIONS",
@@ -253,11 +254,12 @@ def encode_text_embeddings(clip: nn.Module, embeddings: torch.Tensor, tokens: to
         raise TypeError(f"{type(clip).__name__} has no built-in text tower; prompt learning needs a CLIP text tower")
     from open_clip.transformer import text_global_pool
 
-    cast = clip.transformer.get_cast_dtype()
-    x = embeddings.to(cast) + clip.positional_embedding.to(cast)
-    x = clip.transformer(x, attn_mask=clip.attn_mask)
-    x = clip.ln_final(x)
-    x = text_global_pool(x, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
-    if clip.text_projection is not None:
-        x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
-    return F.normalize(x, dim=-1)
+    cast = clip.transformer.get_cast_dtype()  # the towers' own dtype (fp32 where kept so), autocast off
+    with full_precision(embeddings.device):
+        x = embeddings.to(cast) + clip.positional_embedding.to(cast)
+        x = clip.transformer(x, attn_mask=clip.attn_mask)
+        x = clip.ln_final(x)
+        x = text_global_pool(x, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+        if clip.text_projection is not None:
+            x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
+        return F.normalize(x, dim=-1)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from perceive_ir.models.clip_backend import ClipIdentity, architecture_activation, load_clip, register_arch_config
+from perceive_ir.models.precision import full_precision, keep_fp32
 from perceive_ir.models.prompt_learner import PromptLearner
 
 __all__ = ["PerceiverConfig", "QualityPerceiver", "PerceiverIdentityError", "TIERS"]
@@ -72,7 +73,9 @@ class QualityPerceiver(nn.Module):
 
         self.cfg = cfg
         self.identity = identity
-        self.clip = clip.requires_grad_(False).eval()
+        # frozen towers in fp32 whatever the trainer's precision (models.precision): features,
+        # cosines and tier probabilities are computed in fp32 from inputs of any dtype
+        self.clip = keep_fp32(clip.requires_grad_(False).eval())
         self.prompts = PromptLearner(
             clip,
             open_clip.get_tokenizer(identity.architecture),
@@ -115,7 +118,9 @@ class QualityPerceiver(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.clip.encode_image(self.preprocess(images)), dim=-1)
+        """B x D L2-normalised fp32 image embeddings."""
+        with full_precision(images.device):
+            return F.normalize(self.clip.encode_image(self.preprocess(images.float())), dim=-1)
 
     def text_features(self) -> torch.Tensor:
         if self.frozen_text is not None and not self.prompts.context.requires_grad:
@@ -123,9 +128,11 @@ class QualityPerceiver(nn.Module):
         return self.prompts(self.clip)
 
     def logits(self, images: torch.Tensor, use_logit_scale: bool = True) -> torch.Tensor:
-        """B x 3 tier logits: (CLIP logit scale x) cosine(image, tier prompt)."""
-        cos = self.image_features(images) @ self.text_features().to(images.dtype).t()
-        return cos * self.clip.logit_scale.exp() if use_logit_scale else cos
+        """B x 3 fp32 tier logits: (CLIP logit scale x) cosine(image, tier prompt)."""
+        features = self.image_features(images)
+        with full_precision(images.device):
+            cos = features @ self.text_features().float().t()
+            return cos * self.clip.logit_scale.float().exp() if use_logit_scale else cos
 
     def tier_probs(self, images: torch.Tensor, use_logit_scale: bool = True) -> torch.Tensor:
         return self.logits(images, use_logit_scale).softmax(dim=-1)

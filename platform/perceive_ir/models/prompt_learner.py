@@ -49,7 +49,7 @@ class PromptLearner(nn.Module):
 
     def forward(self, clip: nn.Module) -> torch.Tensor:
         """L2-normalised text features of the tier prompts: n_classes x embed_dim."""
-        prefix = self.prefix.to(self.context.dtype)
-        suffix = self.suffix.to(self.context.dtype)
-        embeddings = torch.cat([prefix, self.context, suffix], dim=1)
+        # the wider of the two dtypes: a bf16-trained context next to the fp32 token embeddings
+        dtype = torch.promote_types(self.context.dtype, self.prefix.dtype)
+        embeddings = torch.cat([self.prefix.to(dtype), self.context.to(dtype), self.suffix.to(dtype)], dim=1)
         return encode_text_embeddings(clip, embeddings, self.tokens)

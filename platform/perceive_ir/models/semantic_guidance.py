@@ -12,6 +12,7 @@ from torch import nn
 
 from perceive_ir import weights
 from perceive_ir.models.layers import frozen
+from perceive_ir.models.precision import full_precision, keep_fp32
 from perceive_ir.models.weight_formats import WEIGHT_FILES, load_timm_file
 
 __all__ = ["SemanticConfig", "SemanticGuidance", "create_timm_backbone", "resolve_timm_weights"]
@@ -73,7 +74,8 @@ def resolve_timm_weights(name: str, weights_file: str | None, config_key: str) -
 
 
 class SemanticGuidance(nn.Module):
-    """Frozen DINOv2; ``forward(images in [0, 1])`` -> list of B x D CLS features, one per layer."""
+    """Frozen DINOv2; ``forward(images in [0, 1])`` -> list of B x D fp32 CLS features, one per layer.
+    Kept in fp32 under a bf16 trainer (``models.precision``); the conditioning casts its features."""
 
     def __init__(self, cfg: SemanticConfig, config_key: str = "conditioning.semantic.weights") -> None:
         super().__init__()
@@ -89,6 +91,7 @@ class SemanticGuidance(nn.Module):
         self.dim = self.backbone.embed_dim
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        keep_fp32(self)
 
     def train(self, mode: bool = True) -> "SemanticGuidance":
         super().train(mode)
@@ -98,9 +101,10 @@ class SemanticGuidance(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         size = self.cfg.image_size
-        x = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        x = ((x - self.mean) / self.std).to(images.dtype)
-        outs = self.backbone.forward_intermediates(
-            x, indices=list(self.cfg.layers), return_prefix_tokens=True, intermediates_only=True
-        )
+        with full_precision(images.device):
+            x = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            outs = self.backbone.forward_intermediates(
+                (x - self.mean) / self.std, indices=list(self.cfg.layers), return_prefix_tokens=True,
+                intermediates_only=True
+            )
         return [prefix[:, 0] for _, prefix in outs]

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from perceive_ir.models.layers import frozen
+from perceive_ir.models.precision import full_precision, keep_fp32
 from perceive_ir.models.semantic_guidance import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -58,7 +59,8 @@ def _narrow_vgg16(widths: list[int]) -> nn.Module:
 
 
 class VGGFeatures(nn.Module):
-    """``forward(images in [0, 1])`` -> list of feature maps at ``cfg.layers`` (ImageNet-normalised input)."""
+    """``forward(images in [0, 1])`` -> list of fp32 feature maps at ``cfg.layers`` (ImageNet-normalised
+    input). Frozen and kept in fp32 under a bf16 trainer (``models.precision``)."""
 
     def __init__(self, cfg: VGGConfig, config_key: str = "loss.perceptual.vgg.weights") -> None:
         super().__init__()
@@ -80,6 +82,7 @@ class VGGFeatures(nn.Module):
         del model  # the classifier (most of VGG-16's 138 M parameters) is never used
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        keep_fp32(self)
 
     def train(self, mode: bool = True) -> "VGGFeatures":
         super().train(mode)
@@ -87,11 +90,12 @@ class VGGFeatures(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
-        wanted = set(self.cfg.layers)
-        outs = []
-        for index, layer in enumerate(self.features):
-            x = layer(x)
-            if index in wanted:
-                outs.append(x)
+        with full_precision(images.device):
+            x = (images.float() - self.mean) / self.std
+            wanted = set(self.cfg.layers)
+            outs = []
+            for index, layer in enumerate(self.features):
+                x = layer(x)
+                if index in wanted:
+                    outs.append(x)
         return outs

@@ -1,6 +1,10 @@
 """The DeepSpeed engine of a worker: settings from a JSON file under configs/deepspeed/, filled in
 from the job (batch sizes, accumulation, clipping, precision), torch's fused AdamW (nothing to
-compile) and the warm-up + cosine schedule. Checkpoints are read back without executing code."""
+compile) and the warm-up + cosine schedule. Checkpoints are read back without executing code.
+
+Under bf16 DeepSpeed casts every parameter of the module it is given; the frozen networks marked
+by ``models.precision.keep_fp32`` (VGG-16, the CLIP towers, DINOv2) get their fp32 weights back
+right after, and checkpoints leave every frozen parameter out (:class:`FrozenOutOfCheckpoints`)."""
 
 from __future__ import annotations
 
@@ -13,13 +17,14 @@ from typing import Any, Callable
 import torch
 
 from perceive_ir.config import ConfigError
+from perceive_ir.models.precision import fp32_kept
 from perceive_ir.train.config import EngineConfig, OptimizerConfig
 from perceive_ir.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
 
 __all__ = ["resolve_precision", "deepspeed_settings", "build_engine", "init_distributed", "SafeCheckpointEngine",
-           "make_optimizer"]
+           "FrozenOutOfCheckpoints", "make_optimizer"]
 
 
 def resolve_precision(cfg: EngineConfig, device: torch.device) -> str:
@@ -110,6 +115,53 @@ class SafeCheckpointEngine:
         inner.load = load
 
 
+class FrozenOutOfCheckpoints:
+    """Checkpoints without the frozen parameters (the fp32 VGG-16, CLIP and DINOv2, the medium tier,
+    stage 2's prompts): a launch rebuilds them from their configuration and weight files (a job seeds
+    random ones the same in every launch), and they were most of a checkpoint's size. Loading keeps
+    the module's own frozen values, also over an older checkpoint that holds them (in bf16)."""
+
+    @staticmethod
+    def _frozen_names(engine) -> list[str]:
+        # every name of a shared network (the perceiver serves L_clip and L_dpl): DeepSpeed's own
+        # exclusion drops only the first
+        return [n for n, p in engine.module.named_parameters(remove_duplicate=False) if not p.requires_grad]
+
+    @classmethod
+    def wrap(cls, engine) -> None:
+        save, module_state, load_module = engine.save_checkpoint, engine.module_state_dict, engine.load_module_state_dict
+
+        def save_checkpoint(save_dir, tag=None, client_state={}, save_latest=True, exclude_frozen_parameters=True):
+            return save(save_dir, tag=tag, client_state=client_state, save_latest=save_latest,
+                        exclude_frozen_parameters=exclude_frozen_parameters)
+
+        def module_state_dict(destination=None, prefix="", keep_vars=False, exclude_frozen_parameters=False):
+            state = module_state(destination=destination, prefix=prefix, keep_vars=keep_vars,
+                                 exclude_frozen_parameters=exclude_frozen_parameters)
+            if exclude_frozen_parameters:
+                for name in cls._frozen_names(engine):
+                    state.pop(prefix + name, None)
+            return state
+
+        def load_module_state_dict(checkpoint, strict=True, **kwargs):
+            own = engine.module.state_dict()
+            frozen = {name: own[name] for name in cls._frozen_names(engine) if name in own}
+            return load_module({**checkpoint, "module": {**checkpoint["module"], **frozen}}, strict=strict, **kwargs)
+
+        engine.save_checkpoint = save_checkpoint
+        engine.module_state_dict = module_state_dict
+        engine.load_module_state_dict = load_module_state_dict
+
+
+def _broadcast_kept(tensors: list[torch.Tensor]) -> None:
+    """Rank 0's fp32 frozen weights on every rank, as DeepSpeed's init does for the rest."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() > 1:
+        for tensor in tensors:
+            torch.distributed.broadcast(tensor.data, src=0)
+
+
 def make_optimizer(param_groups: list[dict], optim: OptimizerConfig) -> torch.optim.AdamW:
     """AdamW with torch's fused kernel where every parameter allows it (CPU and CUDA floating point):
     one pass over each tensor instead of a dozen, several times faster than the default loop on the CPU."""
@@ -131,8 +183,11 @@ def build_engine(
 
     optimizer = make_optimizer(param_groups, optim)
     scheduler = build_scheduler(optimizer, factors)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=settings, dist_init_required=False
-    )
+    with fp32_kept(model) as kept:  # DeepSpeed's bf16 cast does not reach the marked frozen networks
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=settings, dist_init_required=False
+        )
+    _broadcast_kept([t for t in kept if isinstance(t, torch.nn.Parameter)])
     SafeCheckpointEngine.wrap(engine)
+    FrozenOutOfCheckpoints.wrap(engine)
     return engine, scheduler

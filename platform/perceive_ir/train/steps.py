@@ -107,7 +107,7 @@ class Stage2Model(nn.Module):
         weight = getattr(getattr(self.loss, "cfg", None), "identity", 0.0)
         if weight:
             kept = clean[: max(1, round(self.loss.cfg.identity_share * clean.shape[0]))]
-            terms["id"] = F.l1_loss(self.restorer(kept, None), kept)
+            terms["id"] = F.l1_loss(self.restorer(kept, None).float(), kept.float())
             terms["total"] = terms["total"] + weight * terms["id"]
         return terms, restored
 

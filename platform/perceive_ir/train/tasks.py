@@ -12,6 +12,7 @@ from perceive_ir.eval.validation import HeldOutSet, evaluate
 from perceive_ir.losses import LossConfig
 from perceive_ir.losses.contrast import gather_with_grad
 from perceive_ir.models import MediumTierGenerator, PerceiverConfig, QualityPerceiver, RestorerConfig
+from perceive_ir.models.precision import trained_dtype
 from perceive_ir.train.config import OptimizerConfig
 from perceive_ir.products import save_medium_tier, save_perceiver, save_restorer
 from perceive_ir.train.schedule import phase_factor
@@ -21,7 +22,8 @@ __all__ = ["Stage1Task", "Stage2Task"]
 
 
 def _dtype(module: torch.nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
+    """The dtype the engine gave ``module``'s own parameters (not those of its fp32 frozen networks)."""
+    return trained_dtype(module)
 
 
 class Stage2Task:
