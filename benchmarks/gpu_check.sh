@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: the CUDA tests, a 50-step stage-1 + stage-2 run on the GPU (bf16, every loss,
 # the medium tier) and the GPU rows of the benchmarks, written to one results file. About 6
-# minutes on one GPU; only the last step (the cost of a node replacement of an elastic run, on a
-# local Ray cluster with a SQLite tracking store) needs Ray.
+# minutes on one GPU; only the last two steps (the cost of a node replacement of an elastic run, and
+# batch restoration on Ray Data, each on a local Ray with a SQLite tracking store) need Ray.
 #
 # Install first, on a machine with an NVIDIA driver (CUDA build of the pinned torch, then the project):
 #   pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cu128
@@ -51,7 +51,7 @@ if [ "$dry_run" -eq 1 ]; then
   # Without a GPU the cuda-marked tests are skipped: the selection itself must still work.
   step "CUDA tests (selection only)" $python -m pytest -q -m cuda tests/test_device_audit.py tests/test_degrade.py tests/test_eval.py
   step "stage 1 + stage 2 smoke run (CPU)" $python benchmarks/gpu_smoke.py --device cpu --steps 2
-  for bench in bench_degrade bench_models bench_train bench_elastic; do
+  for bench in bench_degrade bench_models bench_train bench_elastic bench_restore; do
     step "$bench starts" $python "benchmarks/$bench.py" --help
   done
 else
@@ -64,6 +64,9 @@ else
   step "stage-2 training step on the GPU" $python benchmarks/bench_train.py --gpu
   # needs Ray, DeepSpeed and MLflow installed (pip install -e '.[test]')
   step "node replacement of an elastic run on the GPU" $python benchmarks/bench_elastic.py --gpu --steps 200
+  # needs Ray and MLflow too: an untrained tiny-profile restorer, registered in a temporary SQLite store
+  step "batch restoration on the GPU (Ray Data, 1 actor)" $python benchmarks/bench_restore.py --gpu --model untrained \
+    --images 64 --size 512 --actors 1
 fi
 
 if [ ${#failed[@]} -gt 0 ]; then

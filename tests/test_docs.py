@@ -26,7 +26,8 @@ from conftest import REPO, SHARED_DATASETS
 pytestmark = [pytest.mark.slow, pytest.mark.datasets]
 
 # Pages in the order a reader runs them: the stages before what uses their runs.
-PAGE_ORDER = ["README.md", "docs/training.md", "docs/evaluation.md", "docs/registry.md", "docs/search.md",
+PAGE_ORDER = ["README.md", "docs/training.md", "docs/evaluation.md", "docs/registry.md", "docs/restoration.md",
+              "docs/search.md",
               "docs/data.md", "docs/configuration.md", "docs/models.md", "docs/architecture.md"]
 COMMAND_LANGUAGES = {"bash", "sh", "shell"}
 SKIP_MARKER = re.compile(r"^<!--\s*doc-test:\s*skip:\s*(.+?)\s*-->$")

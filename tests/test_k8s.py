@@ -157,11 +157,11 @@ def test_rayjob_entrypoints_name_files_of_this_repository():
 def test_each_step_finds_its_inputs_by_alias_never_by_version_number():
     steps = {doc["metadata"]["name"]: doc["spec"]["entrypoint"] for _, doc in documents() if doc["kind"] == "RayJob"}
     assert set(steps) == {"perceive-ir-shards", "perceive-ir-stage1", "perceive-ir-stage2", "perceive-ir-promote",
-                          "perceive-ir-tune"}
+                          "perceive-ir-tune", "perceive-ir-restore"}
     for name, entrypoint in steps.items():
         assert not re.search(r"models:/[\w-]+/\d", entrypoint), f"{name}: a hard-coded version in {entrypoint}"
     assert "@candidate" in steps["perceive-ir-stage2"] and "@candidate" in steps["perceive-ir-promote"]
-    assert "@champion" in steps["perceive-ir-tune"]
+    assert "@champion" in steps["perceive-ir-tune"] and "@champion" in steps["perceive-ir-restore"]
 
 
 RAY_DOCS = [(path, doc) for path, doc in documents() if doc["kind"] in ("RayCluster", "RayJob")]
