@@ -113,7 +113,8 @@ def ray_session(s3_endpoint):
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
+    # the loopback address: a job told this address is on this machine and may read its folders
+    yield "127.0.0.1:" + ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]
     ray.shutdown()
 
 
