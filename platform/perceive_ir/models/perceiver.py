@@ -75,7 +75,8 @@ class QualityPerceiver(nn.Module):
         self.identity = identity
         # frozen towers in fp32 whatever the trainer's precision (models.precision): features,
         # cosines and tier probabilities are computed in fp32 from inputs of any dtype
-        self.clip = keep_fp32(clip.requires_grad_(False).eval())
+        pretrained = identity.pretrained is not None or identity.weights_sha256 is not None
+        self.clip = keep_fp32(clip.requires_grad_(False).eval(), from_weights=pretrained)
         self.prompts = PromptLearner(
             clip,
             open_clip.get_tokenizer(identity.architecture),

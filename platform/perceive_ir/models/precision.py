@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-__all__ = ["keep_fp32", "keeps_fp32", "fp32_modules", "fp32_kept", "full_precision", "at_least_fp32", "trained_dtype"]
+__all__ = ["keep_fp32", "keeps_fp32", "fp32_modules", "rebuilt_parameter_names", "fp32_kept", "full_precision", "at_least_fp32", "trained_dtype"]
 
 _MARK = "_keeps_fp32"
 
@@ -40,18 +40,30 @@ def _apply_keeping_dtype(self: nn.Module, fn, recurse: bool = True) -> nn.Module
     return type(self)._apply(self, keep, recurse)
 
 
-def keep_fp32(module: nn.Module) -> nn.Module:
-    """Mark a frozen ``module`` to stay fp32 (see the module docstring); returns it."""
+def keep_fp32(module: nn.Module, from_weights: bool = False) -> nn.Module:
+    """Mark a frozen ``module`` to stay fp32 (see the module docstring); returns it. ``from_weights``:
+    its weights come from a pretrained file (local or the hub), so that every launch rebuilds it
+    alike and checkpoints need not hold it (:func:`rebuilt_parameter_names`)."""
     if any(p.requires_grad for p in module.parameters()):
         raise ValueError(f"{type(module).__name__} has trainable parameters: only frozen networks keep fp32")
     module.float()
-    object.__setattr__(module, _MARK, True)
+    object.__setattr__(module, _MARK, "weights" if from_weights else "kept")
     object.__setattr__(module, "_apply", types.MethodType(_apply_keeping_dtype, module))
     return module
 
 
 def keeps_fp32(module: nn.Module) -> bool:
     return bool(module.__dict__.get(_MARK, False))
+
+
+def rebuilt_parameter_names(model: nn.Module) -> set[str]:
+    """Every name (shared networks under each of their names) of the parameters of ``model``'s
+    fp32 networks that are built from pretrained weight files: a launch rebuilds them exactly."""
+    names: set[str] = set()
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        if module.__dict__.get(_MARK) == "weights":
+            names.update(f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters(remove_duplicate=False))
+    return names
 
 
 def fp32_modules(model: nn.Module) -> list[nn.Module]:

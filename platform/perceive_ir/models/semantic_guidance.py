@@ -91,7 +91,7 @@ class SemanticGuidance(nn.Module):
         self.dim = self.backbone.embed_dim
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        keep_fp32(self)
+        keep_fp32(self, from_weights=source is not None)
 
     def train(self, mode: bool = True) -> "SemanticGuidance":
         super().train(mode)

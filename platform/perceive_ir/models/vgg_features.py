@@ -82,7 +82,7 @@ class VGGFeatures(nn.Module):
         del model  # the classifier (most of VGG-16's 138 M parameters) is never used
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        keep_fp32(self)
+        keep_fp32(self, from_weights=source is not None)
 
     def train(self, mode: bool = True) -> "VGGFeatures":
         super().train(mode)

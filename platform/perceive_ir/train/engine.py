@@ -4,7 +4,7 @@ compile) and the warm-up + cosine schedule. Checkpoints are read back without ex
 
 Under bf16 DeepSpeed casts every parameter of the module it is given; the frozen networks marked
 by ``models.precision.keep_fp32`` (VGG-16, the CLIP towers, DINOv2) get their fp32 weights back
-right after, and checkpoints leave every frozen parameter out (:class:`FrozenOutOfCheckpoints`)."""
+right after, and checkpoints leave out those built from weight files (:class:`FrozenOutOfCheckpoints`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from perceive_ir.config import ConfigError
-from perceive_ir.models.precision import fp32_kept
+from perceive_ir.models.precision import fp32_kept, rebuilt_parameter_names
 from perceive_ir.train.config import EngineConfig, OptimizerConfig
 from perceive_ir.train.schedule import build_scheduler
 
@@ -116,37 +116,34 @@ class SafeCheckpointEngine:
 
 
 class FrozenOutOfCheckpoints:
-    """Checkpoints without the frozen parameters (the fp32 VGG-16, CLIP and DINOv2, the medium tier,
-    stage 2's prompts): a launch rebuilds them from their configuration and weight files (a job seeds
-    random ones the same in every launch), and they were most of a checkpoint's size. Loading keeps
-    the module's own frozen values, also over an older checkpoint that holds them (in bf16)."""
-
-    @staticmethod
-    def _frozen_names(engine) -> list[str]:
-        # every name of a shared network (the perceiver serves L_clip and L_dpl): DeepSpeed's own
-        # exclusion drops only the first
-        return [n for n, p in engine.module.named_parameters(remove_duplicate=False) if not p.requires_grad]
+    """Checkpoints without the frozen networks built from pretrained weight files (VGG-16, the CLIP
+    towers, DINOv2: most of a checkpoint's size, in fp32): every launch rebuilds them from those
+    files. Loading keeps the module's own values of them, also over an older checkpoint that holds
+    them (in bf16). Randomly initialised frozen networks (tiny test profiles) and the frozen
+    products (medium tier, stage 2's prompts) stay in the checkpoints. Under ZeRO 2 DeepSpeed's
+    second copy of every frozen parameter (its ``frozen_param_fragments``) is left out."""
 
     @classmethod
     def wrap(cls, engine) -> None:
         save, module_state, load_module = engine.save_checkpoint, engine.module_state_dict, engine.load_module_state_dict
+        # every name of a shared network (the perceiver serves L_clip and L_dpl)
+        rebuilt = rebuilt_parameter_names(engine.module)
 
         def save_checkpoint(save_dir, tag=None, client_state={}, save_latest=True, exclude_frozen_parameters=True):
             return save(save_dir, tag=tag, client_state=client_state, save_latest=save_latest,
                         exclude_frozen_parameters=exclude_frozen_parameters)
 
         def module_state_dict(destination=None, prefix="", keep_vars=False, exclude_frozen_parameters=False):
-            state = module_state(destination=destination, prefix=prefix, keep_vars=keep_vars,
-                                 exclude_frozen_parameters=exclude_frozen_parameters)
+            state = module_state(destination=destination, prefix=prefix, keep_vars=keep_vars)
             if exclude_frozen_parameters:
-                for name in cls._frozen_names(engine):
+                for name in rebuilt:
                     state.pop(prefix + name, None)
             return state
 
         def load_module_state_dict(checkpoint, strict=True, **kwargs):
             own = engine.module.state_dict()
-            frozen = {name: own[name] for name in cls._frozen_names(engine) if name in own}
-            return load_module({**checkpoint, "module": {**checkpoint["module"], **frozen}}, strict=strict, **kwargs)
+            kept = {name: own[name] for name in rebuilt if name in own}
+            return load_module({**checkpoint, "module": {**checkpoint["module"], **kept}}, strict=strict, **kwargs)
 
         engine.save_checkpoint = save_checkpoint
         engine.module_state_dict = module_state_dict
