@@ -25,7 +25,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-__all__ = ["keep_fp32", "keeps_fp32", "fp32_modules", "rebuilt_parameter_names", "fp32_kept", "full_precision", "at_least_fp32", "trained_dtype"]
+__all__ = ["keep_fp32", "keeps_fp32", "fp32_modules", "rebuilt_parameter_names", "fp32_kept", "full_precision",
+           "at_least_fp32", "trained_dtype"]
 
 _MARK = "_keeps_fp32"
 
