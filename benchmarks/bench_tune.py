@@ -5,8 +5,8 @@
 2. the trial-steps a 4-trial search trains under ASHA against FIFO (learning rates 3e-3 .. 1.0);
 3. ``--node-loss``: on a 5-node Ray cluster on this machine (tests/_tune_cluster.py), the time from the
    loss of the node running a trial's function to that trial's first resumed step (Tune restarts it,
-   its run resumes from its checkpoint), against the same trial's first launch to its first step; with
-   the tracking store up, and away for the first ``--store-away`` seconds after the loss.
+   its run resumes from its checkpoint), against the same trial's first launch to its first step; the
+   tracking store away for the first ``--store-away`` seconds after the loss (0: up throughout).
 
     python benchmarks/bench_tune.py [--steps 600] [--val-every 200] [--search-steps 30] [--overhead-only]
     python benchmarks/bench_tune.py --node-loss [--store-away 10]
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--search-val-every", type=int, default=10)
     parser.add_argument("--overhead-only", action="store_true", help="skip the 4-trial ASHA/FIFO searches")
     parser.add_argument("--node-loss", action="store_true", help="only 3.: a trial's node lost on a local cluster")
-    parser.add_argument("--store-away", type=float, default=10.0, help="seconds the store is away in 3.'s second drill")
+    parser.add_argument("--store-away", type=float, default=10.0, help="seconds the store is away in 3. (0: up)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import os
@@ -137,26 +137,28 @@ def main() -> None:
 
 
 def node_loss(store_away_s: float) -> None:
+    """One drill per process (a second local cluster in the same driver process is not supported by Ray)."""
     from _tune_cluster import node_loss_drill, resumed_runs
     from perceive_ir.data.package_photos import copy_photos
 
-    for away in (0.0, store_away_s):
-        root = Path(tempfile.mkdtemp(prefix="bench_tune-node-"))
-        photos = root / "photos"
-        photos.mkdir()
-        copy_photos(photos)
-        drill = node_loss_drill(root, photos, away)
-        try:
-            if "error" in drill.seen:
-                raise RuntimeError(f"the drill failed: {drill.seen['error']}")
-            for name, run in resumed_runs(drill).items():
-                print(f"trial {name}, store away {away:g} s after the loss: node lost -> first resumed step "
-                      f"{run['loss_to_resumed_s']:.1f} s (resumed from its checkpoint at step {run['resumed_from']}); "
-                      f"its first launch -> first step {run['start_to_first_step_s']:.1f} s "
-                      f"(ratio {run['loss_to_resumed_s'] / run['start_to_first_step_s']:.2f}x)")
-        finally:
-            drill.server.stop()
-
+    root = Path(tempfile.mkdtemp(prefix="bench_tune-node-"))
+    photos = root / "photos"
+    photos.mkdir()
+    copy_photos(photos)
+    drill = node_loss_drill(root, photos, store_away_s)
+    try:
+        if "error" in drill.seen:
+            raise RuntimeError(f"the drill failed: {drill.seen['error']}")
+        resumed = resumed_runs(drill)
+        if not resumed:
+            raise RuntimeError(f"no trial was restarted; the lost node held {drill.seen['killed_actors']}")
+        for name, run in resumed.items():
+            print(f"trial {name}, store away {store_away_s:g} s after the loss: node lost -> first resumed step "
+                  f"{run['loss_to_resumed_s']:.1f} s (resumed from its checkpoint at step {run['resumed_from']}); "
+                  f"its first launch -> first step {run['start_to_first_step_s']:.1f} s "
+                  f"(ratio {run['loss_to_resumed_s'] / run['start_to_first_step_s']:.2f}x)")
+    finally:
+        drill.server.stop()
 
 if __name__ == "__main__":
     main()

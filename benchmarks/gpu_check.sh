@@ -51,7 +51,7 @@ if [ "$dry_run" -eq 1 ]; then
   # Without a GPU the cuda-marked tests are skipped: the selection itself must still work.
   step "CUDA tests (selection only)" $python -m pytest -q -m cuda tests/test_device_audit.py tests/test_degrade.py tests/test_eval.py
   step "stage 1 + stage 2 smoke run (CPU)" $python benchmarks/gpu_smoke.py --device cpu --steps 2
-  for bench in bench_degrade bench_models bench_train bench_elastic bench_restore; do
+  for bench in bench_degrade bench_models bench_train bench_elastic bench_restore bf16_losses; do
     step "$bench starts" $python "benchmarks/$bench.py" --help
   done
 else
@@ -62,6 +62,7 @@ else
   step "degradation engine on the GPU" $python benchmarks/bench_degrade.py --device cuda
   step "models on the GPU" $python benchmarks/bench_models.py --device cuda
   step "stage-2 training step on the GPU" $python benchmarks/bench_train.py --gpu
+  step "L_dpl / L_clip in bf16 against fp32, paper ETB profile, 3 stage-2 steps" $python benchmarks/bf16_losses.py --device cuda
   # needs Ray, DeepSpeed and MLflow installed (pip install -e '.[test]')
   step "node replacement of an elastic run on the GPU" $python benchmarks/bench_elastic.py --gpu --steps 200
   # needs Ray and MLflow too: an untrained tiny-profile restorer, registered in a temporary SQLite store

@@ -126,7 +126,8 @@ def node_loss_drill(root: Path, photos: Path, store_away_s: float, max_steps: in
             wait_for(lambda: all(steps[-1] > seen["outage_from"][run]
                                  for run, steps in trial_checkpoints(drill.train_storage).items()),
                      "a validation of each trial during the outage")
-            node = max(stable_nodes, key=lambda n: len(_actors_on(n.node_id)))
+            node = wait_for(lambda: next((n for n in stable_nodes if "ImplicitFunc" in _actors_on(n.node_id)), None),
+                            "a stable node running a trial function")
             seen["killed_actors"] = _actors_on(node.node_id)
             seen["at_kill"] = trial_checkpoints(drill.train_storage)
             seen["lost_at"] = time.time()
