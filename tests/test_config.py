@@ -84,6 +84,10 @@ def _profile_loader(name: str):
         return PipelineConfig, []
     if name.startswith("tune"):
         return SearchConfig, [f"stage2.{o}" for o in STAGE2_PRODUCTS]
+    if name.startswith("restore"):
+        from perceive_ir.workflows.restoration.config import RestoreConfig
+
+        return RestoreConfig, ["model=models:/x-restorer@champion", "input=photos", "output=restored"]
     raise AssertionError(f"configs/{name}: a new profile; add its config class to _profile_loader")
 
 

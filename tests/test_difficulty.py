@@ -2,7 +2,8 @@
 
 ``reference``: the degraded input weighs 2; a medium-tier negative 1.25 when its PSNR against the
 ground truth is at or below the probe PSNR, else 0.75. ``perceiver``: tiers of a quality score.
-(The probe PSNR measured at each epoch of a real training, and its resume: tests/test_train.py.)
+(The probe PSNR measured at each epoch of a real training, and its resume: tests/test_train.py; the
+probe per degradation type, drawn from the training stream: below.)
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def test_known_psnrs_around_the_probe_give_hand_computed_weights():
     assert psnr(medium_a, target).tolist() == pytest.approx([20.0, 40.0], abs=1e-4)
     loss = loss_with("reference")
     loss.probe_psnr.fill_(psnr(medium_b, target)[0].item())  # ties at equality count as hard
-    assert loss.probe_psnr.item() == pytest.approx(20 * math.log10(1 / 0.03), abs=1e-4)
+    assert loss.probe_psnr[-1].item() == pytest.approx(20 * math.log10(1 / 0.03), abs=1e-4)
     weights = loss.negative_weights(target, target, [degraded, medium_a, medium_b])
     assert weights.tolist() == [[2.0, 2.0], [1.25, 0.75], [1.25, 1.25]]
 
@@ -75,14 +76,14 @@ def test_reference_weights_function_on_given_psnrs():
 
 def test_probe_psnr_is_a_buffer_unmeasured_means_every_medium_negative_is_hard():
     loss = loss_with("reference")
-    assert "probe_psnr" in loss.state_dict() and loss.probe_psnr.item() == math.inf
+    assert "probe_psnr" in loss.state_dict() and bool(loss.probe_psnr.isinf().all())
     target = flat([0.5])
     weights = loss.negative_weights(target, target, [flat([0.9]), flat([0.5001])])  # 80 dB medium
     assert weights.tolist() == [[2.0], [1.25]]
     loss.probe_psnr.fill_(31.5)
     restored = loss_with("reference")
     restored.load_state_dict(loss.state_dict())  # a checkpoint carries the measured value
-    assert restored.probe_psnr.item() == 31.5
+    assert restored.probe_psnr.tolist() == [31.5] * len(restored.probe_psnr)
     assert restored.to(torch.device("meta")).probe_psnr.device.type == "meta"  # follows the module
 
 
@@ -117,3 +118,58 @@ def test_bad_rule_settings_name_the_field():
     with pytest.raises(ConfigError, match="degraded_weight must be >= 0"):
         from_dict(PerceptualConfig, {"vgg": TINY_VGG, "degraded_weight": -1.0})
     assert from_dict(PerceptualConfig, {"vgg": TINY_VGG}).difficulty_rule == "reference"
+
+
+def test_the_per_task_probe_compares_each_sample_with_its_own_type():
+    """Two samples whose medium negatives score the same 30.46 dB: hard for a noise sample (its type's
+    probe PSNR is 32), easy for a haze sample (probe 28); the pooled rule gives both the pooled 30."""
+    from perceive_ir.train.steps import type_index
+
+    target = flat([0.5, 0.5])
+    medium = flat([0.53, 0.53])
+    types = type_index(["gaussian_noise", "haze"], torch.device("cpu"))
+    for rule, expected in (("per_task", [[2.0, 2.0], [1.25, 0.75]]), ("pooled", [[2.0, 2.0], [0.75, 0.75]])):
+        loss = loss_with("reference", probe=rule)
+        loss.probe_psnr.fill_(30.0)
+        loss.probe_psnr[loss.slot_of("gaussian_noise")] = 32.0
+        loss.probe_psnr[loss.slot_of("haze")] = 28.0
+        assert loss.negative_weights(target, target, [flat([0.9, 0.9]), medium], types).tolist() == expected, rule
+    # a label no type registers (a paired set's own name) takes the pooled slot
+    loss = loss_with("reference")
+    assert loss.slot_of("some_dataset") == len(loss.probe_psnr) - 1
+    unknown = type_index(["some_dataset"], torch.device("cpu"))
+    assert loss.probe_for(unknown).tolist() == [math.inf]
+
+
+def test_a_checkpoint_of_the_pooled_probe_loads_into_every_slot():
+    old = {"probe_psnr": torch.tensor([27.5])}
+    loss = loss_with("reference")
+    missing, unexpected = loss.load_state_dict(old, strict=False)
+    assert "probe_psnr" not in missing and not unexpected
+    assert loss.probe_psnr.tolist() == [27.5] * len(loss.probe_psnr)
+
+
+def test_the_training_probe_is_drawn_from_the_stream_per_type_and_measured_per_type(package_photos, tmp_path):
+    """The probe draws the training stream's samples (its degradation mixture), groups them by type and
+    measures each type's PSNR: with the identity as the model, each slot is its type's input PSNR."""
+    from _train_fixtures import build_tiny_shards
+    from perceive_ir.data.pipeline import LoaderConfig, ShardSourceConfig
+    from perceive_ir.degrade import DegradationConfig, Degrader
+    from perceive_ir.train.loop import ProbeSet, draw_training_probe
+
+    shards = build_tiny_shards(package_photos, str(tmp_path / "shards"))
+    loader = LoaderConfig(sources=[ShardSourceConfig(shards)], patch_size=32, batch_size=2, num_workers=0)
+    degrader = Degrader(from_dict(DegradationConfig, {"mixture": {"gaussian_noise": 1.0, "haze": 1.0}, "seed": 0}))
+    drawn = draw_training_probe(loader, degrader, torch.device("cpu"), images=16)
+    assert set(drawn) == {"gaussian_noise", "haze"} and sum(len(d) for d, _ in drawn.values()) == 16
+    again = draw_training_probe(loader, degrader, torch.device("cpu"), images=16)
+    assert all(torch.equal(drawn[k][0], again[k][0]) for k in drawn)  # seeded: the same at every launch
+    loss = loss_with("reference")
+    probe = ProbeSet(None, 1, lambda images: draw_training_probe(loader, degrader, torch.device("cpu"), images))
+    types = probe.measure(lambda x: x, loss.probe_psnr, loss.slot_of, source="training", images=16, chunk=3)
+    assert sorted(types) == ["gaussian_noise", "haze"]
+    inputs = {k: psnr(d, c) for k, (d, c) in drawn.items()}
+    for kind, values in inputs.items():
+        assert loss.probe_psnr[loss.slot_of(kind)].item() == pytest.approx(values.mean().item(), abs=1e-4)
+    assert loss.probe_psnr[-1].item() == pytest.approx(torch.cat(list(inputs.values())).mean().item(), abs=1e-4)
+    assert loss.probe_psnr[loss.slot_of("rain")].item() == loss.probe_psnr[-1].item()  # not drawn: pooled

@@ -108,8 +108,9 @@ def test_stage1_products_feed_stage2_which_resumes_exactly(shards, tmp_path, mon
     assert sorted(p.name for p in (tmp_path / "ck1").iterdir()) == ["step_00000002", "step_00000004"]
 
     perceiver_dir, medium_dir = tmp_path / "stage1/perceiver", tmp_path / "stage1/medium_tier"
-    loss_cfg = from_dict(LossConfig, {"l1": 0.0, "perceptual": {"name": "difficulty_adaptive_perceptual",
-                                                                "params": {"vgg": TINY_VGG}}})
+    # the probe as one number on the validation pairs, which the test computes itself below
+    loss_cfg = from_dict(LossConfig, {"l1": 0.0, "perceptual": {"name": "difficulty_adaptive_perceptual", "params": {
+        "vgg": TINY_VGG, "probe": "pooled", "probe_source": "validation"}}})
 
     initial_probe_psnr = []
 

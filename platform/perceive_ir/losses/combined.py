@@ -104,6 +104,7 @@ class Stage2Loss(nn.Module):
         degraded: torch.Tensor,
         medium: torch.Tensor | Sequence[torch.Tensor] | None = None,
         codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        type_index: torch.Tensor | None = None,  # each sample's degradation type (L_dpl's per-task probe)
     ) -> dict[str, torch.Tensor]:
         terms = {"rec": self.reconstruction(restored, target)}
         total = terms["rec"]
@@ -117,7 +118,7 @@ class Stage2Loss(nn.Module):
             negatives = [degraded]
             if medium is not None:
                 negatives += [medium] if isinstance(medium, torch.Tensor) else list(medium)
-            terms["dpl"] = self.perceptual(restored, target, negatives)
+            terms["dpl"] = self.perceptual(restored, target, negatives, type_index=type_index)
             total = total + self.cfg.l3 * terms["dpl"]
         terms["total"] = total
         return terms

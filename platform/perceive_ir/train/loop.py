@@ -7,7 +7,7 @@ checkpoint requires.
 
 At the start of every epoch (and once after a resume, mid-epoch or not) every rank calls
 ``task.on_epoch_start(engine, epoch, probe, resumed_mid_epoch)``; ``probe`` measures the model on
-the fixed held-out set and gives every rank the same number (see :class:`ProbeSet`).
+the fixed probe set (per degradation type) and gives every rank the same values (see :class:`ProbeSet`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import torch
 from perceive_ir.data.pipeline import BatchPlan, LoaderConfig, ShardStream, build_loader
 from perceive_ir.degrade import DegradationConfig, Degrader
 from perceive_ir.eval.grid import save_grid
-from perceive_ir.eval.validation import HeldOutSet, ValidationConfig, mean_psnr
+from perceive_ir.eval.metrics import psnr
+from perceive_ir.eval.validation import HeldOutSet, ValidationConfig
 from perceive_ir.train.checkpoint_index import Candidate, Selection, select_checkpoint, write_index
 from perceive_ir.train.config import EngineConfig, LoopConfig, OptimizerConfig
 from perceive_ir.train.engine import build_engine, deepspeed_settings, resolve_precision
@@ -42,7 +43,8 @@ from perceive_ir.weights import weight_identities
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainingSettings", "Reporter", "Tracker", "LocalReporter", "ProbeSet", "run_training"]
+__all__ = ["TrainingSettings", "Reporter", "Tracker", "LocalReporter", "ProbeSet", "draw_training_probe",
+           "run_training"]
 
 
 @dataclass
@@ -107,21 +109,63 @@ class LocalReporter:
 
 
 class ProbeSet:
-    """The fixed probe set: the validation pairs (seeded, the same at every epoch), held by rank 0.
+    """The fixed probe set of L_dpl's reference rule, held by rank 0: the first samples of the training
+    stream under their own seed, degraded as in training (paired sources keep their pairs), drawn once
+    and the same at every epoch and launch; or the validation pairs.
 
-    ``measure`` is collective: rank 0 writes its model's mean output PSNR into ``into`` and every
-    other rank receives that value by broadcast, so all ranks hold the same number. Every rank
-    must call it at the same point.
+    ``measure`` is collective: rank 0 writes its model's mean output PSNR per degradation type into
+    ``into`` (every slot first takes the pooled mean; the last slot is the pooled mean) and every
+    other rank receives the values by broadcast. Every rank must call it at the same point.
     """
 
-    def __init__(self, held_out: HeldOutSet | None, world_size: int) -> None:
-        self.held_out, self.world_size = held_out, world_size
+    SEED_OFFSET = 7919  # the probe's stream: not the training stream's first samples themselves
 
-    def measure(self, restore: Callable[[torch.Tensor], torch.Tensor], into: torch.Tensor) -> None:
-        if self.held_out is not None:
-            into.fill_(mean_psnr(restore, self.held_out))
+    def __init__(self, held_out: HeldOutSet | None, world_size: int,
+                 draw: Callable[[int], dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None) -> None:
+        self.held_out, self.world_size, self._draw = held_out, world_size, draw
+        self._drawn: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def items(self, source: str, images: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """``type -> (degraded, clean)`` on rank 0, None elsewhere."""
+        if source == "validation" or self._draw is None:
+            return self.held_out.items if self.held_out is not None else None
+        if self._drawn is None:
+            self._drawn = self._draw(images)
+        return self._drawn
+
+    def measure(self, restore: Callable[[torch.Tensor], torch.Tensor], into: torch.Tensor,
+                slot_of: Callable[[str], int], source: str = "training", images: int = 64,
+                chunk: int = 8) -> list[str]:
+        """Fill ``into``; returns the types measured (rank 0; empty elsewhere)."""
+        items = self.items(source, images)
+        types: list[str] = []
+        if items is not None:
+            per_type = {kind: torch.cat([psnr(restore(d[i:i + chunk]).float().clamp(0, 1), c[i:i + chunk].float())
+                                         for i in range(0, len(d), chunk)])
+                        for kind, (d, c) in items.items()}
+            pooled = torch.cat(list(per_type.values())).mean()
+            into.fill_(pooled)
+            for kind, values in per_type.items():
+                into[slot_of(kind)] = values.mean()
+            into[-1] = pooled
+            types = list(per_type)
         if self.world_size > 1:
             torch.distributed.broadcast(into, src=0)
+        return types
+
+
+def draw_training_probe(loader: LoaderConfig, degrader: Degrader, device: torch.device,
+                        images: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``images`` samples of the training stream (its sources at their shares, under the probe's seed),
+    degraded as in training, grouped by degradation type."""
+    cfg = dataclasses.replace(loader, batch_size=images, samples_per_epoch=images, num_workers=0, flips=False,
+                              seed=loader.seed + ProbeSet.SEED_OFFSET)
+    batch = next(iter(build_loader(cfg, rank=0, world_size=1)))
+    drawn = synthesize(degrader, batch, epoch=0, device=device)
+    groups: dict[str, list[int]] = {}
+    for i, kind in enumerate(drawn.types):
+        groups.setdefault(kind, []).append(i)
+    return {kind: (drawn.degraded[idx], drawn.clean[idx]) for kind, idx in groups.items()}
 
 
 def _seed_everything(seed: int) -> None:
@@ -170,7 +214,8 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
     if rank == 0:
         held_out = HeldOutSet(settings.validation, settings.loader.sources[0].location,
                               settings.loader.storage_options).to(device)
-    probe = ProbeSet(held_out, world_size)
+    probe = ProbeSet(held_out, world_size,
+                     (lambda images: draw_training_probe(settings.loader, degrader, device, images)) if rank == 0 else None)
     steps_per_epoch = ShardStream(settings.loader, plan=plan).steps_per_epoch
     last = cfg.last_step
     window: dict[str, Any] = {"terms": {}, "count": 0, "skipped": 0, "steps": 0, "start": time.perf_counter()}

@@ -103,7 +103,7 @@ class Stage2Model(nn.Module):
         medium = None
         if self.medium_tier is not None and getattr(self.loss, "perceptual", None) is not None:
             medium = self.medium_tier(degraded, list(clean_ids))
-        terms = self.loss(restored, clean, degraded, medium=medium, codes=codes)
+        terms = self.loss(restored, clean, degraded, medium=medium, codes=codes, type_index=types)
         weight = getattr(getattr(self.loss, "cfg", None), "identity", 0.0)
         if weight:
             kept = clean[: max(1, round(self.loss.cfg.identity_share * clean.shape[0]))]

@@ -91,7 +91,10 @@ class Stage2Task:
         dtype = _dtype(module.restorer)
         engine.eval()
         try:
-            probe.measure(lambda x: module.restore(x.to(dtype)), into=perceptual.probe_psnr)
+            cfg = perceptual.cfg
+            perceptual.probe_types = probe.measure(lambda x: module.restore(x.to(dtype)), into=perceptual.probe_psnr,
+                                                   slot_of=perceptual.slot_of, source=cfg.probe_source,
+                                                   images=cfg.probe_images)
         finally:
             engine.train()
 
@@ -101,7 +104,9 @@ class Stage2Task:
         metrics = {}
         perceptual = self._probed_loss()
         if perceptual is not None:
-            metrics["train/probe_psnr"] = float(perceptual.probe_psnr)
+            metrics["train/probe_psnr"] = float(perceptual.probe_psnr[-1])  # pooled
+            for kind in perceptual.probe_types if perceptual.cfg.probe == "per_task" else []:
+                metrics[f"train/probe_psnr/{kind}"] = float(perceptual.probe_psnr[perceptual.slot_of(kind)])
         if self._last_restored is not None:
             score = self.perceiver.quality_score(self._last_restored.clamp(0, 1))
             metrics["train/quality_out"] = float(score.float().mean())
