@@ -129,7 +129,7 @@ def main() -> int:
         overrides.append(f"inference.batch_size={args.batch_size}")
     eval_cfg = load_config(EvalConfig, REPO / "configs/eval/quickstart.yaml", overrides)
     product = {n: (folder / "restorer" / n).read_bytes() for n in ("restorer.json", "model.safetensors")}
-    ray.init(num_cpus=threads, runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "platform")}})
+    ray.init(address="local", num_cpus=threads, runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "platform")}})
 
     start_up: list[float] = []
 

@@ -113,7 +113,7 @@ def ray_session(s3_endpoint):
 
     before = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         # the loopback address: a job told this address is on this machine and may read its folders
         yield "127.0.0.1:" + ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]

@@ -125,3 +125,34 @@ def test_training_runs_through_an_outage_and_every_point_reaches_the_store(serve
     assert "1 metric points at step 0" in message and "tracking.drain_timeout_s" in message
     saved = Path(message.rsplit("Saved under ", 1)[1])
     assert json.loads((saved / "pending.jsonl").read_text().splitlines()[0])["items"][0]["key"] == "side/late"
+
+
+def test_a_call_that_needs_the_store_waits_for_it_and_then_says_which_setting_ran_out(server, monkeypatch):
+    """What a search's driver does after its trials, and a restarted trial at its start (search/runner.py,
+    search/trainable.py): the store stopped, a call waits until it is back; a wait too short fails with
+    the store and the setting named."""
+    from mlflow.tracking import MlflowClient
+
+    from perceive_ir.tracking.mlflow_run import when_store_answers
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # one short try per call, as in a trial
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    client = MlflowClient(tracking_uri=server.uri)
+    experiment = client.create_experiment("store-wait")
+    server.stop()
+    back = threading.Timer(4.0, server.start)
+    back.start()
+    try:
+        found = when_store_answers(lambda: client.get_experiment(experiment), server.uri, 120, "a search",
+                                   "trial_store_wait_s")
+        assert found.name == "store-wait"
+    finally:
+        back.join()
+    server.stop()
+    try:
+        with pytest.raises(ConnectionError, match=r"a search: MLflow tracking store 'http://127\.0\.0\.1:\d+' did "
+                                                  r"not answer within trial_store_wait_s=2 s"):
+            when_store_answers(lambda: client.get_experiment(experiment), server.uri, 2, "a search",
+                               "trial_store_wait_s")
+    finally:
+        server.start()

@@ -23,7 +23,7 @@ __all__ = ["RaySettings", "RunStorageConfig", "DataSection", "JobConfig", "Stage
 
 @dataclass
 class RaySettings:
-    address: Optional[str] = None  # None: the cluster of a submitted job, else a new local Ray
+    address: Optional[str] = None  # None: a submitted job's cluster, else RAY_ADDRESS's, else a new local Ray
     # an int: that many workers; [min, max]: elastic, as many as the cluster gives (at least min),
     # shrinking when workers are lost and growing back when resources return
     num_workers: Union[int, tuple[int, int]] = 2

@@ -65,11 +65,16 @@ def connect(settings: RaySettings, working_dir: Optional[Path]) -> None:
     if in_job and "PYTHONPATH" in job_env.get("env_vars", {}):
         env["env_vars"].pop("PYTHONPATH")  # the job's own setting wins; merging would conflict
     kwargs: dict[str, Any] = {"runtime_env": env, "log_to_driver": True}
-    if settings.address:
-        kwargs["address"] = settings.address
+    # RAY_ADDRESS in the shell names a cluster as the setting does (Ray's own convention)
+    address = settings.address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        kwargs["address"] = address
     elif not in_job and settings.local_cpus:
         kwargs["num_cpus"] = settings.local_cpus
-    if not settings.address and job_env is None:
+    if not address and job_env is None:
+        # A new local Ray, never the cluster that some `ray start` on this machine left its address for
+        # (which ray.init without an address joins, dead or alive).
+        kwargs["address"] = "local"
         # Read by a raylet this process starts; ignored when ray.init joins a running cluster.
         os.environ.setdefault("RAY_worker_niceness", str(settings.local_worker_niceness))
         with local_ray_temporary_folder() as scratch:  # what its processes leave goes with this driver

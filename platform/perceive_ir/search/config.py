@@ -62,7 +62,7 @@ class SearchConfig:
     # preemptible GPU node. Empty: anywhere.
     trial_driver_resources: dict[str, float] = field(default_factory=dict)
     max_trial_failures: int = 3  # a trial whose node or function is lost is restarted this often (from its checkpoint)
-    trial_store_wait_s: float = 900.0  # a trial (re)started while the tracking store is away waits this long for it
+    trial_store_wait_s: float = 900.0  # how long a (re)started trial, and the driver after the trials, wait for an away store
     state_save_period_s: float = 10.0  # how often Tune saves the search's state to storage
     stopped_trial_grace_s: int = 5  # a trial the scheduler stopped is killed after this many seconds
     register_as: Optional[str] = None  # register the best trial's restorer as '<register_as>-restorer'

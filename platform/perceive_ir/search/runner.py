@@ -228,8 +228,12 @@ def run_search(plan: SearchPlan, repo: Path) -> SearchResult:
         tracker.set_tags({LOST_TRIALS_TAG: str(trials - ran)})
     from mlflow.tracking import MlflowClient
 
+    from perceive_ir.tracking.mlflow_run import when_store_answers
+
     client = MlflowClient(tracking_uri=tracking_uri)
-    records = trial_records(client, plan, parent_run_id)
+    # the trials are done and their runs stored: a store away at this moment is waited for, not a failure
+    records = when_store_answers(lambda: trial_records(client, plan, parent_run_id), tracking_uri,
+                                 cfg.trial_store_wait_s, cfg.name, "trial_store_wait_s")
     outcome = SearchOutcome.of(sum(r.status == "completed" for r in records),
                                [result.error for result in grid if result.error is not None])
     log_results(tracker, plan, records, outcome)

@@ -148,27 +148,6 @@ def _ended_run(tracking_uri: str, experiment: str, run_name: str):
     return None
 
 
-def _ended_run_once_store_answers(tracking_uri: str, experiment: str, run_name: str, wait_s: float):
-    """``_ended_run``, waiting up to ``wait_s`` for the tracking store: Tune restarts a trial whose node was
-    lost at once, and the store may be away at that moment (each failed start would spend one of the
-    trial's ``max_trial_failures``)."""
-    from perceive_ir.tracking.mlflow_run import safe_uri
-
-    deadline, pause = time.monotonic() + wait_s, 1.0
-    while True:
-        try:
-            return _ended_run(tracking_uri, experiment, run_name)
-        except Exception as err:  # noqa: BLE001 - MLflow raises many kinds while its server is away
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            if time.monotonic() + pause > deadline:
-                raise ConnectionError(f"{run_name}: MLflow tracking store '{safe_uri(tracking_uri)}' did not answer "
-                                      f"within trial_store_wait_s={wait_s:g} s: {reason}") from None
-            log.warning("%s: tracking store not answering (%s); the trial waits for it (%.0f s left)",
-                        run_name, reason, deadline - time.monotonic())
-            time.sleep(pause)
-            pause = min(2 * pause, 10.0)
-
-
 def run_trial(values: dict[str, Any], context: dict[str, Any]) -> None:
     """The Tune function: ``values`` are the sampled settings; ``context`` what the driver fixed."""
     import ray.tune
@@ -179,6 +158,7 @@ def run_trial(values: dict[str, Any], context: dict[str, Any]) -> None:
     from perceive_ir.search.config import SearchConfig, make_plan
     from perceive_ir.tracking import resolve_tracking_uri
     from perceive_ir.tracking.buffer import limit_client_retries
+    from perceive_ir.tracking.mlflow_run import when_store_answers
 
     logging.basicConfig(level=logging.INFO)
     root = job_root() or Path(context["repo"])
@@ -190,7 +170,10 @@ def run_trial(values: dict[str, Any], context: dict[str, Any]) -> None:
     trial_cfg = plan.trial_config(values, name, context["train_storage"])
     tracking_uri = resolve_tracking_uri(trial_cfg.tracking)
     limit_client_retries(trial_cfg.tracking.http_max_retries, trial_cfg.tracking.http_timeout_s)
-    ended = _ended_run_once_store_answers(tracking_uri, trial_cfg.tracking.experiment, name, cfg.trial_store_wait_s)
+    # Tune restarts a trial whose node was lost at once, and the store may be away at that moment (each
+    # failed start would spend one of the trial's max_trial_failures)
+    ended = when_store_answers(lambda: _ended_run(tracking_uri, trial_cfg.tracking.experiment, name), tracking_uri,
+                               cfg.trial_store_wait_s, name, "trial_store_wait_s")
     if ended is not None:  # ended before the driver was restarted: replay its last validation, train nothing
         validation = {k: v for k, v in ended.data.metrics.items() if k.startswith("val/")}
         objective = objective_of(validation, cfg.metric)

@@ -22,7 +22,8 @@ from perceive_ir.data.storage import is_secret_name, missing_store
 from perceive_ir.tracking.buffer import BufferSettings, TrackingBuffer, limit_client_retries
 
 __all__ = ["TrackingConfig", "resolve_tracking_uri", "tracking_source", "describe_store", "find_or_create_run",
-           "existing_run", "RunTracker", "redact_params", "version_tags", "RUN_NAME_TAG", "safe_uri", "DEFAULT_DB"]
+           "existing_run", "RunTracker", "redact_params", "version_tags", "RUN_NAME_TAG", "safe_uri", "DEFAULT_DB",
+           "when_store_answers"]
 
 RUN_NAME_TAG = "perceive_ir.run_name"
 # One default store for every job, the quickstart and perceive-registry: what one of them writes,
@@ -95,6 +96,28 @@ def safe_uri(uri: str) -> str:
     if parts.port:
         host += f":{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+def when_store_answers(call, uri: str, wait_s: float, what: str, setting: str):
+    """``call()``, retried while the tracking store at ``uri`` does not answer, for up to ``wait_s``
+    (pauses from 1 s to 10 s, each one logged); then a ConnectionError that names the store and the
+    ``setting`` that sets the wait. For the moments a job cannot go on without the store."""
+    import logging
+
+    log = logging.getLogger(__name__)
+    deadline, pause = time.monotonic() + wait_s, 1.0
+    while True:
+        try:
+            return call()
+        except Exception as err:  # noqa: BLE001 - MLflow raises many kinds while its server is away
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            if time.monotonic() + pause > deadline:
+                raise ConnectionError(f"{what}: MLflow tracking store '{safe_uri(uri)}' did not answer within "
+                                      f"{setting}={wait_s:g} s: {reason}") from None
+            log.warning("%s: tracking store not answering (%s); waiting for it (%.0f s left)", what, reason,
+                        deadline - time.monotonic())
+            time.sleep(pause)
+            pause = min(2 * pause, 10.0)
 
 
 def redact_params(flat: Mapping[str, Any]) -> dict[str, str]:
