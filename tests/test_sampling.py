@@ -1,6 +1,7 @@
 """Source mixture: ``replicate`` (weights are replication factors of each dataset, the paper's
-resampling ratios) against ``probability`` (weights are the shares), on built shard sets of
-different sizes; the start-up table and its MLflow copy."""
+resampling ratios) against ``probability`` (weights are the shares) and ``balanced`` (equal shares,
+stage 1's prompt phase), on built shard sets of different sizes; the start-up table and its MLflow
+copy, one per stage-1 phase that mixes the sources its own way."""
 
 from __future__ import annotations
 
@@ -61,9 +62,10 @@ def test_replicate_shares_are_weight_times_size(sized_sets):
     assert shares[1].share == pytest.approx(6 * small / (big + 6 * small))
     probability = source_shares(_loader(sized_sets, "probability"))
     assert [s.share for s in probability] == pytest.approx([1 / 7, 6 / 7])
+    assert [s.share for s in source_shares(_loader(sized_sets, "balanced"))] == [0.5, 0.5]
 
 
-@pytest.mark.parametrize("weighting", ["replicate", "probability"])
+@pytest.mark.parametrize("weighting", ["replicate", "probability", "balanced"])
 def test_streamed_source_frequency_matches_the_shares(sized_sets, weighting):
     cfg = _loader(sized_sets, weighting)
     expected = {s.name: s.share for s in source_shares(cfg)}
@@ -136,3 +138,30 @@ def test_start_up_table_is_logged_and_kept_in_the_run(sized_sets, tmp_path, capl
     assert [(r["source"], r["samples"], r["weighting"]) for r in rows] == [
         ("big", shares[0].samples, "replicate"), ("small", 3, "replicate")]
     assert [r["share"] for r in rows] == pytest.approx([s.share for s in shares])
+
+
+def test_a_stage1_prompt_phase_that_balances_the_sources_gets_its_own_table(sized_sets, tmp_path):
+    cfg = load_config(Stage1Config, REPO / "configs/stage1_tiny.yaml", [
+        f"data.train.sources=[{{location: {sized_sets['big']}, name: big}}, "
+        f"{{location: {sized_sets['small']}, name: small, weight: 6}}]",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "restorer_data={patch_size: 16}",
+        "prompt_data={weighting: balanced, batch_size: 4}",
+    ])
+    phases = cfg.loader_phases()
+    assert [(p.name, p.first_step) for p in phases] == [("restorers", 0), ("prompts", cfg.restorer_steps)]
+    assert phases[0].loader.patch_size == 16 and phases[0].loader.weighting == "replicate"
+    assert phases[1].loader.batch_size == 4 and phases[1].loader.patch_size == cfg.data.train.patch_size
+    uri, run_id, _ = find_or_create_run(TrackingConfig(uri=cfg.tracking.uri), "phase-shares", {}, {}, "stage1")
+    report_source_shares(cfg, RunTracker(uri, run_id))
+
+    from mlflow.tracking import MlflowClient
+
+    logged = MlflowClient(uri).download_artifacts(run_id, "data", str(tmp_path / "dl"))
+    tables = {p.name: json.loads(p.read_text()) for p in Path(logged).iterdir()}
+    assert sorted(tables) == ["source_shares.json", "source_shares_prompts.json"]
+    prompts = tables["source_shares_prompts.json"]
+    rows = [dict(zip(prompts["columns"], row)) for row in prompts["data"]]
+    assert [(r["source"], r["share"], r["weighting"]) for r in rows] == [("big", 0.5, "balanced"),
+                                                                        ("small", 0.5, "balanced")]
+    reused = load_config(Stage1Config, REPO / "configs/stage1_tiny.yaml", ["medium_tier=some/folder"])
+    assert [(p.name, p.first_step) for p in reused.loader_phases()] == [("prompts", 0)]  # no restorer phase

@@ -3,6 +3,7 @@ engine (one process, gloo) with exact resume from a checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 
 from _train_fixtures import TINY_NAFNET_RESTORER, FolderTracker, build_tiny_shards
 from perceive_ir.config import ConfigError, from_dict
-from perceive_ir.data.pipeline import LoaderConfig, ShardSourceConfig
+from perceive_ir.data.pipeline import LoaderConfig, LoaderPhase, ShardSourceConfig
 from perceive_ir.degrade import DegradationConfig
 from perceive_ir.eval.validation import HeldOutSet, ValidationConfig, mean_psnr
 from perceive_ir.losses import LossConfig
@@ -147,6 +148,53 @@ def test_stage1_products_feed_stage2_which_resumes_exactly(shards, tmp_path, mon
     a = load_file(str(tmp_path / "straight/restorer/model.safetensors"))
     b = load_file(str(tmp_path / "resumed/restorer/model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _RecordingStage1(Stage1Task):
+    """Stage 1 that notes the phase and shape of every micro-batch it trains on."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: list[tuple[int, str, tuple[int, ...]]] = []
+
+    def compute(self, engine, batch, step):
+        self.seen.append((step, self.phase(step), tuple(batch.degraded.shape)))
+        return super().compute(engine, batch, step)
+
+
+def test_stage1_phases_crop_and_batch_their_own_way_and_resume_across_the_boundary(shards, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("MASTER_PORT", str(_port()))
+    cpu = torch.device("cpu")
+    init_distributed(cpu)
+    restorer_cfg = from_dict(RestorerConfig, TINY_NAFNET_RESTORER)
+    perceiver_cfg = ensure_clip_weights(
+        from_dict(PerceiverConfig, yaml.safe_load((REPO / "configs/models/perceiver_tiny.yaml").read_text())),
+        seed=0, cache=tmp_path / "clip")
+
+    def run(name: str, **loop):
+        s1 = settings(shards, checkpoint_every=1, val_every=4, **loop)
+        s1.phases = [LoaderPhase(0, dataclasses.replace(s1.loader, patch_size=24, batch_size=2), "restorers"),
+                     LoaderPhase(2, dataclasses.replace(s1.loader, patch_size=32, batch_size=3), "prompts")]
+        torch.manual_seed(0)  # the same restorers and prompts at the start of every run
+        task = _RecordingStage1(restorer_cfg, [restorer_cfg.build() for _ in range(2)], True, perceiver_cfg,
+                                s1.optimizer, prompt_lr=1e-3, restorer_steps=2, prompt_steps=2)
+        tracker = FolderTracker(tmp_path / name)
+        state = run_training(task, s1, LocalReporter(tmp_path / f"ck-{name}", keep=10), tracker, 0, 1, cpu)
+        return task, tracker, state
+
+    task, straight, state = run("straight")
+    assert task.seen == [(0, "restorers", (2, 3, 24, 24)), (1, "restorers", (2, 3, 24, 24)),
+                         (2, "prompts", (3, 3, 32, 32)), (3, "prompts", (3, 3, 32, 32))]
+    assert state.samples == 2 * 2 + 2 * 3 and state.global_batch == 3
+    assert straight.metrics["train/global_batch"] == [(0, 2.0), (2, 3.0)]
+    run("split", stop_after_steps=2)
+    task, again, state = run("split")  # resumes at the boundary, in the prompt phase
+    assert again.metrics["resumed_from_step"] == [(2, 2.0)] and again.metrics["train/global_batch"] == [(2, 3.0)]
+    assert task.seen == [(2, "prompts", (3, 3, 32, 32)), (3, "prompts", (3, 3, 32, 32))]
+    assert state.samples == 10
+    for (sa, a), (sb, b) in zip(straight.metrics["train/total"][2:], again.metrics["train/total"]):
+        assert sa == sb and math.isclose(a, b, rel_tol=1e-5), (sa, a, b)
 
 
 def _port() -> int:

@@ -13,7 +13,9 @@ Guarantees the training loop relies on:
 Source mixture (``weighting``): ``replicate`` (the paper's resampling ratios) treats each
 source's ``weight`` as a replication factor of its dataset, so its share of the samples is
 weight x samples / sum(weight x samples); ``probability`` makes the weights themselves the
-shares. ``source_shares`` computes them, as the job prints and logs them at start.
+shares; ``balanced`` gives every source the same share (task-balanced sampling where each source
+is one task, as in the recipes). ``source_shares`` computes them, as the job prints and logs them
+at start.
 
 Every sample carries ``clean_id``, the identity of its clean source image (see
 ``clean_identity``): the medium tier's folds hang on it, never on the key of a degraded
@@ -27,6 +29,7 @@ before its share of batches.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -72,7 +75,7 @@ class LoaderConfig:
     shuffle_buffer: int = 128
     flips: bool = True
     resample: bool = True
-    weighting: Literal["replicate", "probability"] = "replicate"
+    weighting: Literal["replicate", "probability", "balanced"] = "replicate"
     seed: int = 0
     storage_options: dict[str, Any] = field(default_factory=dict)
 
@@ -124,6 +127,8 @@ class SourceShare:
 
 
 def _shares(sources: list[_ResolvedSource], weighting: str) -> list[float]:
+    if weighting == "balanced":
+        return [1.0 / len(sources)] * len(sources)
     if weighting == "probability" or len(sources) == 1:
         masses = [s.weight for s in sources]
     else:
@@ -158,6 +163,35 @@ def format_shares(shares: list[SourceShare], weighting: str) -> str:
 
     return "\n".join([f"training sources (weighting: {weighting})", line(header)] + [line(r) for r in rows])
 
+
+
+@dataclass
+class PhaseLoader:
+    """What a training phase changes in the training stream (stage 1's restorers and prompts): unset
+    fields keep ``data.train``'s."""
+
+    patch_size: Optional[int] = None
+    batch_size: Optional[int] = None
+    weighting: Optional[Literal["replicate", "probability", "balanced"]] = None
+
+    def __post_init__(self) -> None:
+        for name in ("patch_size", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+
+    def apply(self, loader: LoaderConfig) -> LoaderConfig:
+        changes = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return dataclasses.replace(loader, **changes) if changes else loader
+
+
+@dataclass
+class LoaderPhase:
+    """The training stream from ``first_step`` on (until the next phase's first step)."""
+
+    first_step: int
+    loader: LoaderConfig
+    name: str = "train"
 
 _TILE_SUFFIX = re.compile(r"_y\d+_x\d+$")
 _weak_identity_warned: set[str] = set()

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from perceive_ir.config import to_dict
-from perceive_ir.data.pipeline import LoaderConfig
+from perceive_ir.data.pipeline import LoaderConfig, LoaderPhase, PhaseLoader
 from perceive_ir.degrade import DegradationConfig
 from perceive_ir.eval.validation import ValidationConfig
 from perceive_ir.losses import LossConfig
@@ -90,7 +90,7 @@ class DataSection:
 # so changing one of these would continue (or fail to load) weights trained for something else; the
 # pre-flight refuses it. The rest (cluster, storage, tracking, step counts, intervals) may change.
 RUN_IDENTITY = ("restorer", "loss", "perceiver", "medium_tier", "clip_init_seed", "folds", "restorer_steps",
-                "prompt_steps", "prompt_lr", "optimizer", "data.degradation", "data.train.patch_size",
+                "prompt_steps", "prompt_lr", "restorer_data", "prompt_data", "optimizer", "data.degradation", "data.train.patch_size",
                 "data.train.batch_size", "loop.seed", "engine.gradient_accumulation_steps", "engine.global_batch")
 
 
@@ -128,7 +128,9 @@ class JobConfig:
 class Stage1Config(JobConfig):
     """Stage 1: K hold-out restorers (or given ones), then the perceiver's prompts.
 
-    ``loop.max_steps`` is derived: restorer_steps (0 when ``medium_tier`` is given) + prompt_steps."""
+    ``loop.max_steps`` is derived: restorer_steps (0 when ``medium_tier`` is given) + prompt_steps.
+    Each phase may crop, batch and mix the sources its own way (``restorer_data``, ``prompt_data``:
+    unset fields keep ``data.train``'s); the number of micro-batches per step stays the run's."""
 
     restorer: RestorerConfig = field(default_factory=lambda: RestorerConfig(conditioning={"name": "none"}))
     folds: int = 2
@@ -136,6 +138,8 @@ class Stage1Config(JobConfig):
     prompt_steps: int = 1000
     prompt_lr: float = 4e-5
     medium_tier: Optional[str] = None  # reuse trained fold restorers: a folder or an MLflow URI
+    restorer_data: PhaseLoader = field(default_factory=PhaseLoader)
+    prompt_data: PhaseLoader = field(default_factory=PhaseLoader)
     perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
     clip_init_seed: Optional[int] = None  # no pretrained CLIP (offline tiny profile): a seeded random one
 
@@ -145,7 +149,17 @@ class Stage1Config(JobConfig):
             raise ValueError("folds must be >= 2 (hold-out needs K >= 2)")
         if self.prompt_steps < 1 or self.restorer_steps < 0:
             raise ValueError("prompt_steps must be >= 1 and restorer_steps >= 0")
-        self.loop.max_steps = (0 if self.medium_tier else self.restorer_steps) + self.prompt_steps
+        self.loop.max_steps = self.trained_restorer_steps + self.prompt_steps
+
+    @property
+    def trained_restorer_steps(self) -> int:
+        return 0 if self.medium_tier else self.restorer_steps
+
+    def loader_phases(self) -> list[LoaderPhase]:
+        """The training stream of each phase: the restorers' (when trained here), then the prompts'."""
+        restorers = LoaderPhase(0, self.restorer_data.apply(self.data.train), "restorers")
+        prompts = LoaderPhase(self.trained_restorer_steps, self.prompt_data.apply(self.data.train), "prompts")
+        return ([restorers] if self.trained_restorer_steps else []) + [prompts]
 
 
 @dataclass

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from perceive_ir.config import flatten, to_dict
-from perceive_ir.data.pipeline import SourceShare, format_shares, source_shares
+from perceive_ir.data.pipeline import LoaderConfig, SourceShare, format_shares, source_shares
 from perceive_ir.data.storage import redact
 from perceive_ir.orchestration.config import JobConfig
 from perceive_ir.orchestration.ray_runtime import connect
@@ -54,19 +54,31 @@ SHARES_ARTIFACT = "data/source_shares.json"
 
 
 def report_source_shares(cfg: JobConfig, tracker: RunTracker, working_dir: Optional[Path] = None) -> list[SourceShare]:
-    """Each training source's share of the samples: logged as a table at start and kept in the run.
-    Relative local locations are read from ``working_dir``, the folder the workers run in."""
-    loader = cfg.data.train
+    """Each training source's share of the samples: logged as a table at start and kept in the run
+    (a stage-1 phase that mixes the sources its own way gets a table of its own,
+    ``data/source_shares_<phase>.json``). Relative local locations are read from ``working_dir``, the
+    folder the workers run in."""
+    shares = _log_shares(cfg.data.train, tracker, working_dir, SHARES_ARTIFACT)
+    for phase in getattr(cfg, "loader_phases", list)():
+        if phase.loader.weighting != cfg.data.train.weighting:
+            _log_shares(phase.loader, tracker, working_dir, SHARES_ARTIFACT.replace(".json", f"_{phase.name}.json"),
+                        f"{phase.name} phase: ")
+    return shares
+
+
+def _log_shares(loader: LoaderConfig, tracker: RunTracker, working_dir: Optional[Path], artifact: str,
+                heading: str = "") -> list[SourceShare]:
+    weighting = loader.weighting
     if working_dir is not None:
         loader = dataclasses.replace(loader, sources=[
             dataclasses.replace(s, location=str(working_dir / s.location), name=s.name or s.location)
             if "://" not in s.location and not Path(s.location).is_absolute() else s
             for s in loader.sources])
     shares = source_shares(loader)
-    log.info("%s", format_shares(shares, cfg.data.train.weighting))
+    log.info("%s%s", heading, format_shares(shares, weighting))
     tracker.log_table({"source": [s.name for s in shares], "samples": [s.samples for s in shares],
                        "weight": [s.weight for s in shares], "share": [s.share for s in shares],
-                       "weighting": [cfg.data.train.weighting] * len(shares)}, SHARES_ARTIFACT)
+                       "weighting": [weighting] * len(shares)}, artifact)
     return shares
 
 

@@ -82,9 +82,11 @@ def _private_copy(checkpoint):
 
 
 def training_settings(cfg: JobConfig) -> TrainingSettings:
+    phases = cfg.loader_phases() if isinstance(cfg, Stage1Config) else []
     return TrainingSettings(cfg.data.train, cfg.data.degradation, cfg.data.validation, cfg.loop,
                             cfg.optimizer, cfg.engine, global_micro_batches=cfg.global_micro_batches,
-                            portable_optimizer=True)  # every checkpoint resumable at another world size
+                            portable_optimizer=True,  # every checkpoint resumable at another world size
+                            phases=phases)
 
 
 def _with_staged_inputs(cfg: JobConfig, staged: dict[str, dict[str, Any]]) -> JobConfig:

@@ -28,7 +28,7 @@ from typing import Any, Callable, ContextManager, Optional, Protocol
 import numpy as np
 import torch
 
-from perceive_ir.data.pipeline import BatchPlan, LoaderConfig, ShardStream, build_loader
+from perceive_ir.data.pipeline import BatchPlan, LoaderConfig, LoaderPhase, ShardStream, build_loader
 from perceive_ir.degrade import DegradationConfig, Degrader
 from perceive_ir.eval.grid import save_grid
 from perceive_ir.eval.metrics import psnr
@@ -61,6 +61,38 @@ class TrainingSettings:
     # save the size-independent optimizer state with every checkpoint, so that a launch at another
     # world size resumes it (the jobs always do)
     portable_optimizer: bool = False
+    # the training stream by phase (stage 1: the restorers', then the prompts'); empty: ``loader`` throughout
+    phases: list[LoaderPhase] = dataclasses.field(default_factory=list)
+
+
+class _Phases:
+    """The run's loader phases, each starting a new epoch: which one a step is in, its global batch,
+    and the epoch number a step falls in (epochs are numbered across phases, so each phase's stream
+    and degradations are its own)."""
+
+    def __init__(self, settings: TrainingSettings, plan: BatchPlan, last_step: int) -> None:
+        self.phases = settings.phases or [LoaderPhase(0, settings.loader)]
+        if self.phases[0].first_step != 0 or any(b.first_step < a.first_step for a, b in zip(self.phases, self.phases[1:])):
+            raise ValueError(f"loader phases must start at step 0 and in order: {[p.first_step for p in self.phases]}")
+        self.slots = plan.slots
+        self.steps_per_epoch = [ShardStream(p.loader, plan=plan).steps_per_epoch for p in self.phases]
+        ends = [p.first_step for p in self.phases[1:]] + [last_step]
+        self.ends, self.first_epoch, epochs = ends, [], 0
+        for phase, end, per_epoch in zip(self.phases, ends, self.steps_per_epoch):
+            self.first_epoch.append(epochs)
+            epochs += -(-max(end - phase.first_step, 0) // per_epoch)
+
+    def index(self, step: int) -> int:
+        return max(k for k, p in enumerate(self.phases) if p.first_step <= step)
+
+    def global_batch(self, step: int) -> int:
+        return self.slots * self.phases[self.index(step)].loader.batch_size
+
+    def position(self, step: int) -> tuple[int, int, int]:
+        """(phase index, epoch, step within the epoch) of ``step``."""
+        k = self.index(step)
+        epoch, start = divmod(step - self.phases[k].first_step, self.steps_per_epoch[k])
+        return k, self.first_epoch[k] + epoch, start
 
 
 class Reporter(Protocol):
@@ -186,24 +218,24 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
     slots = settings.global_micro_batches or world_size * settings.engine.gradient_accumulation_steps
     plan = BatchPlan.for_rank(slots, rank, world_size)
     accumulation = plan.per_rank
-    samples_per_step = slots * settings.loader.batch_size  # the global batch
+    phases = _Phases(settings, plan, cfg.last_step)
     ds_settings = deepspeed_settings(settings.engine, settings.loader.batch_size, world_size, device, accumulation)
     dtype = torch.bfloat16 if resolve_precision(settings.engine, device) == "bf16" else torch.float32
     _seed_everything(cfg.seed * 1000 + rank)
     engine, scheduler = build_engine(task.model.to(device), task.param_groups(), task.schedule_factors(),
                                      settings.optimizer, ds_settings)
-    state = TrainState(world_size=world_size, global_batch=samples_per_step)
+    state = TrainState(world_size=world_size, global_batch=phases.global_batch(0))
     load_started = time.perf_counter()
     with reporter.latest() as selection:
         checkpoint = selection.directory
         if checkpoint is not None:
-            saved = _resume(engine, scheduler, checkpoint, world_size, samples_per_step)
+            saved = _resume(engine, scheduler, checkpoint, world_size, phases.global_batch)
             state = load_state(checkpoint, rank, world_size)
             log.info("rank %d resumed at step %d from %s (written by %d workers)", rank, state.step, checkpoint,
                      saved.world_size)
     load_s = time.perf_counter() - load_started
     previous = dataclasses.replace(state)
-    state.world_size, state.global_batch, state.preempted = world_size, samples_per_step, False
+    state.world_size, state.global_batch, state.preempted = world_size, phases.global_batch(state.step), False
     if tracker is not None:
         _log_launch(tracker, previous, state, checkpoint is not None, accumulation, len(selection.rejected), load_s)
     if tracker is not None:
@@ -216,7 +248,6 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
                               settings.loader.storage_options).to(device)
     probe = ProbeSet(held_out, world_size,
                      (lambda images: draw_training_probe(settings.loader, degrader, device, images)) if rank == 0 else None)
-    steps_per_epoch = ShardStream(settings.loader, plan=plan).steps_per_epoch
     last = cfg.last_step
     window: dict[str, Any] = {"terms": {}, "count": 0, "skipped": 0, "steps": 0, "start": time.perf_counter()}
     saved_at = -1
@@ -249,7 +280,7 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
         elapsed = max(time.perf_counter() - window["start"], 1e-9)
         metrics = {f"train/{k}": v / count for k, v in zip(names, values)}
         metrics.update(_lr_metrics(scheduler, task.group_names))
-        metrics["samples_per_s"] = window["steps"] * samples_per_step / elapsed
+        metrics["samples_per_s"] = window["steps"] * state.global_batch / elapsed
         metrics["skipped_samples"] = skipped
         metrics.update(task.live_metrics())
         window.update(terms={}, count=0, skipped=0, steps=0, start=time.perf_counter())
@@ -257,10 +288,18 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
 
     engine.train()
     while state.step < last:
-        epoch, start = divmod(state.step, steps_per_epoch)
+        k, epoch, start = phases.position(state.step)
+        loader, phase_end = phases.phases[k].loader, phases.ends[k]
+        if state.global_batch != phases.global_batch(state.step):  # a new phase with its own batch size
+            state.global_batch = phases.global_batch(state.step)
+            if tracker is not None:
+                tracker.log_metrics({"train/global_batch": float(state.global_batch)}, step=state.step)
+        if start == 0 and len(phases.phases) > 1 and state.step == phases.phases[k].first_step:
+            log.info("rank %d: phase %d from step %d: %d px crops, %d per micro-batch, weighting %s", rank, k,
+                     state.step, loader.patch_size, loader.batch_size, loader.weighting)
         task.on_epoch_start(engine, epoch, probe, resumed_mid_epoch=start > 0)
         step_batches: list[DegradedBatch] = []
-        for batch in build_loader(settings.loader, epoch=epoch, start_step=start, plan=plan):
+        for batch in build_loader(loader, epoch=epoch, start_step=start, plan=plan):
             window["skipped"] += int(batch["skipped"])
             step_batches.append(synthesize(degrader, batch, epoch, device, dtype))
             if len(step_batches) < accumulation:
@@ -279,7 +318,7 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
                 window["count"] += 1
             step_batches = []
             state.step += 1
-            state.samples += samples_per_step
+            state.samples += state.global_batch
             window["steps"] += 1
             _maybe_fail(cfg, state.step, rank, tracker)
             metrics: dict[str, float] = {}
@@ -302,7 +341,7 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
                 # reads it there, not back from the tracking store)
                 checkpoint_now({**{k: v for k, v in metrics.items() if k.startswith("train/")}, **validation},
                                preempted)
-            if state.step >= last:
+            if state.step >= min(last, phase_end):
                 break
     if saved_at != state.step:  # relaunched at the end: nothing trained, report for symmetry
         checkpoint_now({})
@@ -315,9 +354,11 @@ def run_training(task, settings: TrainingSettings, reporter: Reporter, tracker: 
     return state
 
 
-def _resume(engine, scheduler, checkpoint: str, world_size: int, global_batch: int) -> TrainState:
-    """Load ``checkpoint`` into the engine; at another world size through the portable optimizer state."""
+def _resume(engine, scheduler, checkpoint: str, world_size: int, global_batch_at: Callable[[int], int]) -> TrainState:
+    """Load ``checkpoint`` into the engine; at another world size through the portable optimizer state.
+    ``global_batch_at``: this launch's samples per step at a step (phases may differ)."""
     saved = read_state(checkpoint)
+    global_batch = global_batch_at(max(saved.step - 1, 0))  # the batch of the step that wrote it
     if saved.global_batch and saved.global_batch != global_batch:
         raise ValueError(f"checkpoint '{checkpoint}' was trained with a global batch of {saved.global_batch} "
                          f"samples, this launch makes {global_batch}: resuming would change the experiment")
