@@ -2,7 +2,7 @@
 model, on the same images in the same run, with 1 and 2 actors; then the job's memory bound.
 
     python benchmarks/bench_restore.py [--model models:/quickstart-restorer@champion] [--images 24]
-        [--size 256] [--actors 1 2] [--gpu] [--memory-images 0]
+        [--size 256] [--actors 1 2] [--gpu] [--memory-images N [N ...]] [--memory-only]
 
 The images are crops of real photos (scikit-image), written as PNG into a temporary folder. The
 baseline loads the registered model with ``mlflow.pyfunc.load_model`` and calls ``predict`` on one
@@ -10,9 +10,11 @@ decoded image at a time (decode, predict, encode, write, in one process). Each j
 into a fresh output folder and scores with the pair's perceiver as the job does by default. Figures
 include Ray Data's start and each actor's model load.
 
-``--memory-images N`` then restores N larger images (--memory-size) with ``ray.in_flight_mb`` set to
-32 on a local Ray whose object store is 128 MiB: it prints the collection's decoded size, the peak
-memory (RSS) of the job's Ray worker processes sampled every 50 ms, and what Ray spilled to disk.
+``--memory-images N [N ...]`` then restores collections of N larger images (--memory-size) with
+``ray.in_flight_mb`` set to 32 on a local Ray whose object store is 128 MiB: for each, it prints the
+collection's decoded size, the peak memory (RSS) of the job's Ray worker processes sampled every
+50 ms, and what Ray spilled to disk; two sizes side by side show that the peak does not follow the
+collection. ``--memory-only`` skips the throughput part.
 """
 
 from __future__ import annotations
@@ -142,6 +144,33 @@ def untrained_model(root: Path) -> tuple[str, str]:
     return register_product(uri, run, folder, "bench-restorer", {"lineage.product": "restorer"}), uri
 
 
+def throughput(args, root: Path) -> None:
+    print(f"throughput: {args.images} PNG crops of {args.size} x {args.size}")
+    inputs = write_pngs(root / "in", photo_crops(args.images, args.size))
+    rate = baseline(args.model, args.tracking_uri, inputs, root / "loop")
+    print(f"{'one-at-a-time pyfunc loop':<34} {rate:8.2f} images/s")
+    for actors in args.actors:
+        summary = job(args.model, args.tracking_uri, inputs, root / f"job{actors}", actors, args.gpu)
+        print(f"{f'job, {actors} actor(s)':<34} {summary['images_per_s']:8.2f} images/s "
+              f"({summary['launch_restored']} images in {summary['launch_seconds']:.1f} s, start-up included; "
+              f"{summary['restore_seconds_per_image'] * 1000:.0f} ms of network per image)")
+
+
+def memory_bound(args, root: Path, count: int) -> None:
+    from ray._private.internal_api import memory_summary
+
+    big = write_pngs(root / "in", photo_crops(count, args.memory_size))
+    decoded = count * args.memory_size ** 2 * 3
+    with PeakMemory() as peak:
+        summary = job(args.model, args.tracking_uri, big, root / "out", 1, args.gpu,
+                      ["ray.in_flight_mb=32", "batch_images=1", "decode_batch=1"])
+    spilled = [line.strip() for line in memory_summary(stats_only=True).splitlines() if "Spilled" in line]
+    print(f"memory: {count} images of {args.memory_size}^2, {decoded / 2**20:.0f} MiB decoded "
+          f"(uint8; {decoded * 4 / 2**20:.0f} MiB as float32); object store 128 MiB, in_flight_mb 32; "
+          f"peak RSS of the Ray workers {peak.peak / 2**20:.0f} MiB; {summary['restored']} restored; "
+          f"{spilled[0] if spilled else 'nothing spilled'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models:/quickstart-restorer@champion",
@@ -151,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--gpu", action="store_true", help="one GPU per actor; the baseline on the GPU too")
-    parser.add_argument("--memory-images", type=int, default=0)
+    parser.add_argument("--memory-images", type=int, nargs="*", default=[])
     parser.add_argument("--memory-size", type=int, default=1024)
+    parser.add_argument("--memory-only", action="store_true", help="skip the throughput comparison")
     args = parser.parse_args(argv)
 
     import ray
@@ -164,28 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.model == "untrained":
             args.model, args.tracking_uri = untrained_model(root)
         print(f"ray: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {ray.cluster_resources().get('GPU', 0):.0f} "
-              f"GPUs; model {args.model}; {args.images} PNG crops of {args.size} x {args.size}")
-        inputs = write_pngs(root / "in", photo_crops(args.images, args.size))
-        rate = baseline(args.model, args.tracking_uri, inputs, root / "loop")
-        print(f"{'one-at-a-time pyfunc loop':<34} {rate:8.2f} images/s")
-        for actors in args.actors:
-            summary = job(args.model, args.tracking_uri, inputs, root / f"job{actors}", actors, args.gpu)
-            print(f"{f'job, {actors} actor(s)':<34} {summary['images_per_s']:8.2f} images/s "
-                  f"({summary['launch_restored']} images in {summary['launch_seconds']:.1f} s, start-up included; "
-                  f"{summary['restore_seconds_per_image'] * 1000:.0f} ms of network per image)")
-        if args.memory_images:
-            big = write_pngs(root / "big", photo_crops(args.memory_images, args.memory_size))
-            decoded = args.memory_images * args.memory_size ** 2 * 3
-            with PeakMemory() as peak:
-                summary = job(args.model, args.tracking_uri, big, root / "bigout", 1, args.gpu,
-                              ["ray.in_flight_mb=32", "batch_images=1", "decode_batch=1"])
-            from ray._private.internal_api import memory_summary
-
-            spilled = [line.strip() for line in memory_summary(stats_only=True).splitlines() if "Spilled" in line]
-            print(f"memory: {args.memory_images} images of {args.memory_size}^2, {decoded / 2**20:.0f} MiB decoded "
-                  f"(uint8; {decoded * 4 / 2**20:.0f} MiB as float32); object store 128 MiB, in_flight_mb 32; "
-                  f"peak RSS of the Ray workers {peak.peak / 2**20:.0f} MiB; {summary['restored']} restored; "
-                  f"{spilled[0] if spilled else 'nothing spilled'}")
+              f"GPUs; model {args.model}")
+        if not args.memory_only:
+            throughput(args, root)
+        for count in args.memory_images:
+            memory_bound(args, root / f"memory{count}", count)
     ray.shutdown()
     return 0
 
