@@ -86,15 +86,21 @@ def settings(shards: str, **loop) -> TrainingSettings:
     )
 
 
-def test_stage1_products_feed_stage2_which_resumes_exactly(shards, tmp_path, monkeypatch):
+def _tiny_stage1_models(tmp_path: Path, monkeypatch) -> tuple[RestorerConfig, PerceiverConfig]:
+    """The tiny restorer and perceiver profiles, with a one-process gloo group for DeepSpeed."""
     monkeypatch.chdir(REPO)  # relative model paths in the configs
     monkeypatch.setenv("MASTER_PORT", str(_port()))
-    cpu = torch.device("cpu")
-    init_distributed(cpu)
+    init_distributed(torch.device("cpu"))
     restorer_cfg = from_dict(RestorerConfig, TINY_NAFNET_RESTORER)
     perceiver_cfg = ensure_clip_weights(
         from_dict(PerceiverConfig, yaml.safe_load((REPO / "configs/models/perceiver_tiny.yaml").read_text())),
         seed=0, cache=tmp_path / "clip")
+    return restorer_cfg, perceiver_cfg
+
+
+def test_stage1_products_feed_stage2_which_resumes_exactly(shards, tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    restorer_cfg, perceiver_cfg = _tiny_stage1_models(tmp_path, monkeypatch)
 
     s1 = settings(shards)
     stage1 = Stage1Task(restorer_cfg, [restorer_cfg.build() for _ in range(2)], True, perceiver_cfg,
@@ -163,14 +169,8 @@ class _RecordingStage1(Stage1Task):
 
 
 def test_stage1_phases_crop_and_batch_their_own_way_and_resume_across_the_boundary(shards, tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
-    monkeypatch.setenv("MASTER_PORT", str(_port()))
     cpu = torch.device("cpu")
-    init_distributed(cpu)
-    restorer_cfg = from_dict(RestorerConfig, TINY_NAFNET_RESTORER)
-    perceiver_cfg = ensure_clip_weights(
-        from_dict(PerceiverConfig, yaml.safe_load((REPO / "configs/models/perceiver_tiny.yaml").read_text())),
-        seed=0, cache=tmp_path / "clip")
+    restorer_cfg, perceiver_cfg = _tiny_stage1_models(tmp_path, monkeypatch)
 
     def run(name: str, **loop):
         s1 = settings(shards, checkpoint_every=1, val_every=4, **loop)
