@@ -115,6 +115,11 @@ def test_five_task_profiles_add_blur_and_low_light_to_the_three_task_ones():
         assert set(three.data.validation.types) < set(five.data.validation.types)
         if stage == "stage2":
             assert five.loss == three.loss  # the five-task recipe differs in its data only
+        else:  # the medium tier on 128 px crops; the prompts on CLIP's 224 px input, the tasks balanced
+            for cfg in (three, five):
+                restorers, prompts = cfg.loader_phases()
+                assert (restorers.loader.patch_size, restorers.loader.weighting) == (128, "replicate")
+                assert (prompts.loader.patch_size, prompts.loader.weighting) == (224, "balanced")
         assert five.name != three.name and five.tracking.register_as != three.tracking.register_as
 
 
