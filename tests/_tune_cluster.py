@@ -82,9 +82,12 @@ def trial_checkpoints(train_storage: Path) -> dict[str, list[int]]:
 
 
 def _actors_on(node_id: str) -> list[str]:
-    from ray.util.state import list_actors
+    # from the GCS this driver is connected to (not the state API, which finds its dashboard by the
+    # machine's last `ray start` or port 8265, either of which may belong to another Ray on the machine)
+    from ray._private.state import actors
 
-    return [a.class_name for a in list_actors(filters=[("node_id", "=", node_id), ("state", "=", "ALIVE")])]
+    return [a["ActorClassName"] for a in actors().values()
+            if a["State"] == "ALIVE" and a.get("Address", {}).get("NodeID") == node_id]
 
 
 def node_loss_drill(root: Path, photos: Path, store_away_s: float, max_steps: int = 150, val_every: int = 10) -> Drill:
@@ -137,6 +140,8 @@ def node_loss_drill(root: Path, photos: Path, store_away_s: float, max_steps: in
                 server.start()
         except BaseException as err:  # noqa: BLE001 - reported by the caller
             seen["error"] = err
+            if server.process is None or server.process.poll() is not None:
+                server.start()  # the search goes on to its end, and the caller reports the error
 
     watcher = threading.Thread(target=run_drill, daemon=True)
     watcher.start()

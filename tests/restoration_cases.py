@@ -107,22 +107,19 @@ def registry(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_session(s3_endpoint):
-    """One local Ray for the module (started after the S3 server: its workers inherit the credentials);
-    token authentication off, so that a job in a subprocess joins it."""
+    """One local Ray for the module (started after the S3 server: its workers inherit the credentials).
+    Its authentication mode is the one this process started with (Ray reads it once, at import): token
+    authentication when the environment asks for it, else none, so that a job in a subprocess, which
+    inherits the mode, joins it."""
     import ray
 
-    before = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         # the loopback address: a job told this address is on this machine and may read its folders
         yield "127.0.0.1:" + ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]
     finally:
         ray.shutdown()
-        if before is None:  # later tests' clusters start as they would without this module
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = before
 
 
 def restore_config(registry, **settings) -> RestoreConfig:
@@ -228,7 +225,7 @@ def test_a_job_killed_with_sigkill_then_relaunched_restores_every_image_once(reg
     inputs = write_folder(tmp_path / "in", {f"f{k // 4}/img{k:02d}.png": pil_bytes(p, "PNG")
                                             for k, p in enumerate(photos * 2)})
     output = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "platform"), "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "platform")}  # the session's authentication mode too
     command = [sys.executable, str(REPO / "jobs" / "restore.py"), f"model={registry['restorer']}", f"input={inputs}",
                f"output={output}", f"tracking.uri={registry['uri']}", f"ray.address={ray_session}", "progress=false",
                "batch_images=1", "decode_batch=1", "perceiver=none"]
