@@ -164,7 +164,6 @@ def format_shares(shares: list[SourceShare], weighting: str) -> str:
     return "\n".join([f"training sources (weighting: {weighting})", line(header)] + [line(r) for r in rows])
 
 
-
 @dataclass
 class PhaseLoader:
     """What a training phase changes in the training stream (stage 1's restorers and prompts): unset
@@ -192,6 +191,7 @@ class LoaderPhase:
     first_step: int
     loader: LoaderConfig
     name: str = "train"
+
 
 _TILE_SUFFIX = re.compile(r"_y\d+_x\d+$")
 _weak_identity_warned: set[str] = set()

@@ -90,8 +90,9 @@ class DataSection:
 # so changing one of these would continue (or fail to load) weights trained for something else; the
 # pre-flight refuses it. The rest (cluster, storage, tracking, step counts, intervals) may change.
 RUN_IDENTITY = ("restorer", "loss", "perceiver", "medium_tier", "clip_init_seed", "folds", "restorer_steps",
-                "prompt_steps", "prompt_lr", "restorer_data", "prompt_data", "optimizer", "data.degradation", "data.train.patch_size",
-                "data.train.batch_size", "loop.seed", "engine.gradient_accumulation_steps", "engine.global_batch")
+                "prompt_steps", "prompt_lr", "restorer_data", "prompt_data", "optimizer", "data.degradation",
+                "data.train.patch_size", "data.train.batch_size", "loop.seed", "engine.gradient_accumulation_steps",
+                "engine.global_batch")
 
 
 def identity_settings(params: dict[str, str]) -> dict[str, str]:

@@ -72,8 +72,9 @@ class _Phases:
 
     def __init__(self, settings: TrainingSettings, plan: BatchPlan, last_step: int) -> None:
         self.phases = settings.phases or [LoaderPhase(0, settings.loader)]
-        if self.phases[0].first_step != 0 or any(b.first_step < a.first_step for a, b in zip(self.phases, self.phases[1:])):
-            raise ValueError(f"loader phases must start at step 0 and in order: {[p.first_step for p in self.phases]}")
+        starts = [p.first_step for p in self.phases]
+        if starts[0] != 0 or starts != sorted(starts):
+            raise ValueError(f"loader phases must start at step 0 and in order: {starts}")
         self.slots = plan.slots
         self.steps_per_epoch = [ShardStream(p.loader, plan=plan).steps_per_epoch for p in self.phases]
         ends = [p.first_step for p in self.phases[1:]] + [last_step]
