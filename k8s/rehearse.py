@@ -138,6 +138,7 @@ def rehearse(args: argparse.Namespace, root: Path, pods: PodSet, report: dict) -
     report["node_loss"] = {"placement": loss.placement, "lost": loss.lost, "replacement": loss.replacement,
                            "seconds_to_shrink": round(loss.seconds_to_shrink, 1),
                            "seconds_to_replace": round(loss.seconds_to_replace, 1),
+                           "seconds_to_grow": round(loss.seconds_to_grow, 1),
                            "checkpoint_world_sizes": checkpoint_world_sizes(s3, RUNS_BUCKET, f"ray/{STAGE2_JOB}/")}
     t = time.perf_counter()
     mlflow_uri = f"http://127.0.0.1:{services.local('mlflow', 5000)}"

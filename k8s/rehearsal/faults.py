@@ -34,7 +34,7 @@ def product_cache_entries(pod: Pod) -> list[str]:
 class NodeLoss:
     """Called while stage 2 runs: once ``checkpoint_written()`` says a checkpoint is reported, note where
     the workers are, kill the raylet of a node that hosts one; once ``shrunk()`` says the (elastic) run
-    checkpointed at fewer workers, start a node again in its place, for the run to grow back."""
+    checkpointed at fewer workers, start a node again in its place and wait for the run to grow back."""
 
     cluster: RayCluster
     checkpoint_written: Callable[[], bool]
@@ -45,6 +45,7 @@ class NodeLoss:
     replacement: str = ""
     seconds_to_shrink: float = 0.0
     seconds_to_replace: float = 0.0
+    seconds_to_grow: float = 0.0
 
     def __call__(self, submitter: Pod, job_id: str) -> None:
         wait_until(lambda: self.checkpoint_written() and len(training_worker_nodes(self.cluster)) >= 2,
@@ -65,5 +66,10 @@ class NodeLoss:
         new = self.cluster.replace(victim)
         self.replacement = f"{new.name} (pod folder {new.folder.name})"
         self.seconds_to_replace = time.perf_counter() - start
+        # Ray Train sees the node at its resource coordinator's next tick (every 20 s), then restarts the group
+        wait_until(lambda: len(training_worker_nodes(self.cluster)) >= 2, self.timeout_s,
+                   "stage 2 to grow back to two workers (its run may have ended first: raise loop.max_steps)",
+                   submitter)
+        self.seconds_to_grow = time.perf_counter() - start
 
 
