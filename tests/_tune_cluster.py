@@ -82,12 +82,24 @@ def trial_checkpoints(train_storage: Path) -> dict[str, list[int]]:
 
 
 def _actors_on(node_id: str) -> list[str]:
-    # from the GCS this driver is connected to (not the state API, which finds its dashboard by the
-    # machine's last `ray start` or port 8265, either of which may belong to another Ray on the machine)
+    """The classes of the alive actors on a node, by their short names: Ray reports a trial function as
+    ``ImplicitFunc`` or, when its process has exported Tune's wrapper before, ``wrap_function.<locals>.ImplicitFunc``.
+    Read from the GCS this driver is connected to (not the state API, which finds its dashboard by the
+    machine's last `ray start` or port 8265, either of which may belong to another Ray on the machine)."""
     from ray._private.state import actors
 
-    return [a["ActorClassName"] for a in actors().values()
+    return [a["ActorClassName"].rsplit(".", 1)[-1] for a in actors().values()
             if a["State"] == "ALIVE" and a.get("Address", {}).get("NodeID") == node_id]
+
+
+def _alive_actors() -> dict[str, list[str]]:
+    from ray._private.state import actors
+
+    found: dict[str, list[str]] = {}
+    for a in actors().values():
+        if a["State"] == "ALIVE":
+            found.setdefault(a.get("Address", {}).get("NodeID", "?"), []).append(a["ActorClassName"])
+    return found
 
 
 def node_loss_drill(root: Path, photos: Path, store_away_s: float, max_steps: int = 150, val_every: int = 10) -> Drill:
@@ -129,8 +141,12 @@ def node_loss_drill(root: Path, photos: Path, store_away_s: float, max_steps: in
             wait_for(lambda: all(steps[-1] > seen["outage_from"][run]
                                  for run, steps in trial_checkpoints(drill.train_storage).items()),
                      "a validation of each trial during the outage")
-            node = wait_for(lambda: next((n for n in stable_nodes if "ImplicitFunc" in _actors_on(n.node_id)), None),
-                            "a stable node running a trial function")
+            try:
+                node = wait_for(lambda: next((n for n in stable_nodes if "ImplicitFunc" in _actors_on(n.node_id)),
+                                             None), "a stable node running a trial function", timeout_s=120)
+            except TimeoutError as err:
+                raise TimeoutError(f"{err}; stable nodes {[n.node_id for n in stable_nodes]}, alive actors by "
+                                   f"node {_alive_actors()}") from None
             seen["killed_actors"] = _actors_on(node.node_id)
             seen["at_kill"] = trial_checkpoints(drill.train_storage)
             seen["lost_at"] = time.time()
