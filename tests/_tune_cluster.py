@@ -81,18 +81,10 @@ def trial_checkpoints(train_storage: Path) -> dict[str, list[int]]:
     return {run: sorted(steps) for run, steps in found.items()}
 
 
-def _actors_on(node_id: str) -> list[str]:
-    """The classes of the alive actors on a node, by their short names: Ray reports a trial function as
-    ``ImplicitFunc`` or, when its process has exported Tune's wrapper before, ``wrap_function.<locals>.ImplicitFunc``.
-    Read from the GCS this driver is connected to (not the state API, which finds its dashboard by the
-    machine's last `ray start` or port 8265, either of which may belong to another Ray on the machine)."""
-    from ray._private.state import actors
-
-    return [a["ActorClassName"].rsplit(".", 1)[-1] for a in actors().values()
-            if a["State"] == "ALIVE" and a.get("Address", {}).get("NodeID") == node_id]
-
-
 def _alive_actors() -> dict[str, list[str]]:
+    """Node id -> the classes of its alive actors, read from the GCS this driver is connected to (not the
+    state API, which finds its dashboard by the machine's last `ray start` or port 8265, either of which
+    may belong to another Ray on the machine)."""
     from ray._private.state import actors
 
     found: dict[str, list[str]] = {}
@@ -100,6 +92,12 @@ def _alive_actors() -> dict[str, list[str]]:
         if a["State"] == "ALIVE":
             found.setdefault(a.get("Address", {}).get("NodeID", "?"), []).append(a["ActorClassName"])
     return found
+
+
+def _actors_on(node_id: str) -> list[str]:
+    """The classes of a node's alive actors by their short names: Ray reports a trial function as
+    ``ImplicitFunc``, or as ``wrap_function.<locals>.ImplicitFunc`` once its process has run a search before."""
+    return [name.rsplit(".", 1)[-1] for name in _alive_actors().get(node_id, [])]
 
 
 def node_loss_drill(root: Path, photos: Path, store_away_s: float, max_steps: int = 150, val_every: int = 10) -> Drill:
